@@ -1,0 +1,62 @@
+"""Atomic writes and artifact metadata: one helper for every file the toolkit writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from hsnet_deploy.errors import UserError
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output path that cannot become a file, before any expensive work starts."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory, expected an output file path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise UserError(f"{out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out}: directory {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    An interrupted or failed write leaves the previous file (or none), never a truncated one.
+    The temporary file sits in the same directory so the final rename is atomic on POSIX.
+    """
+    out = check_output_path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
