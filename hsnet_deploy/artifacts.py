@@ -60,3 +60,45 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Keys of the metadata every artifact carries (ONNX metadata_props; TensorRT: the sidecar JSON).
+# Values are strings in ONNX, so structured ones (versions, preprocessing, gate) are JSON-encoded.
+META_PREFIX = "hsnet."
+PREPROCESSING = {
+    "resize": "PIL bilinear (antialiased) on the uint8 RGB image to img_size x img_size",
+    "scale": "1/255",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "mask_resize": "torch nearest (legacy) to img_size; foreground = 1",
+}
+
+
+def tool_versions(**extra: str) -> dict[str, str]:
+    """Versions of what made an artifact; imported lazily so a missing optional package is just absent."""
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("hsnet-deploy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    versions.update(extra)
+    return versions
+
+
+def meta_to_props(meta: dict) -> dict[str, str]:
+    return {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in meta.items()}
+
+
+def props_to_meta(props: dict[str, str]) -> dict:
+    meta = {}
+    for key, value in props.items():
+        if not key.startswith(META_PREFIX):
+            continue
+        try:
+            meta[key[len(META_PREFIX):]] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key[len(META_PREFIX):]] = value
+    return meta

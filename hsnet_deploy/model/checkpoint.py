@@ -1,0 +1,135 @@
+"""Load the authors' `best_model.pt` or this project's own checkpoint format, with errors a user can act on."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from hsnet_deploy.artifacts import atomic_path
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.model.backbones import BACKBONES
+from hsnet_deploy.model.hsnet import HSNet
+
+FORMAT = "hsnet-deploy/checkpoint-v1"
+MAX_LISTED = 5
+
+
+def save_checkpoint(model: HSNet, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """This project's format: the state_dict plus what is needed to rebuild the model without flags."""
+    payload = {
+        "format": FORMAT,
+        "backbone": model.backbone_name,
+        "mask_support": model.mask_support,
+        "state_dict": model.state_dict(),
+        "extra": dict(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _read(path: Path) -> object:
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        # weights_only=True: never run pickled code from a downloaded file. It reads PyTorch 1.5's
+        # legacy (non-zip) serialisation too, which is what the authors' files use.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+
+
+def guess_backbone(keys: list[str]) -> str | None:
+    if any(k.startswith("backbone.features.") for k in keys):
+        return "vgg16"
+    if any(k.startswith("backbone.layer3.22.") for k in keys):
+        return "resnet101"
+    if any(k.startswith("backbone.layer3.") for k in keys):
+        return "resnet50"
+    return None
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def check_state_dict(state: dict, model: HSNet, path: Path) -> None:
+    """Name the first offending keys instead of PyTorch's wall of text."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        hint = ""
+        guess = guess_backbone(list(state))
+        if guess and guess != model.backbone_name:
+            hint = f"; the keys look like a {guess} checkpoint, not {model.backbone_name}"
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
+        raise UserError(f"{path}: does not fit HSNet({model.backbone_name}): {'; '.join(parts)}{hint}")
+    bad = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape
+    ]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} tensors have the wrong shape for {model.backbone_name}: {_listed(bad)}")
+
+
+def load_checkpoint(path: str | os.PathLike, backbone: str | None = None, mask_support: bool | None = None) -> HSNet:
+    """An eval-mode HSNet from the authors' `best_model.pt` (with or without `module.`) or our own format.
+
+    Our format records the backbone and the masking switch; the authors' file does not, so `backbone`
+    is required there (a wrong one is reported with the backbone the keys point to).
+    """
+    path = Path(path)
+    obj = _read(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not an HSNet checkpoint (holds a {type(obj).__name__}, expected a state_dict)")
+    if obj.get("format") == FORMAT:
+        recorded = obj["backbone"]
+        if backbone is not None and backbone != recorded:
+            raise UserError(f"{path}: records backbone {recorded}, but {backbone} was asked for")
+        backbone = recorded
+        state = obj["state_dict"]
+        if mask_support is None:
+            mask_support = bool(obj.get("mask_support", True))
+    else:
+        state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
+        if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{path}: not an HSNet checkpoint (no tensors keyed by parameter name)")
+        if backbone is None:
+            guess = guess_backbone(list(state))
+            hint = f" (its keys look like {guess})" if guess else ""
+            raise UserError(f"{path}: an authors' checkpoint does not record its backbone; pass --backbone{hint}")
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+    model = HSNet(backbone, mask_support=True if mask_support is None else mask_support)
+    check_state_dict(state, model, path)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def seeded_model(backbone: str, seed: int = 0, mask_support: bool = True) -> HSNet:
+    """A reproducible HSNet with random weights, for tests, demos and benchmarks without a checkpoint.
+
+    PyTorch's default init with an isolated RNG; BatchNorm statistics randomised mildly so the
+    backbone is not an identity-normalised toy.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HSNet(backbone, mask_support=mask_support)
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()

@@ -1,0 +1,110 @@
+"""HSNet: backbone hypercolumns -> masked support -> hypercorrelation pyramid -> 4D learner -> K-shot vote."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.model.backbones import BACKBONES, build_backbone, feature_sizes
+from hsnet_deploy.model.correlation import hypercorrelation, mask_support_features
+from hsnet_deploy.model.learner import HPNLearner, GroupNorm6d
+from hsnet_deploy.model.resize import Resizer
+
+# Support strides of each squeeze block (C2, C3, C4): their product is what the support dims shrink by.
+SUPPORT_SHRINK = {"c2": 4 * 4 * 2, "c3": 4 * 2 * 2, "c4": 2 * 2 * 2}
+
+
+def squeezed_support_side(backbone: str, side: int) -> tuple[int, int, int]:
+    """Support side of the squeezed C2, C3, C4 tensors for an input side (stride-s convs round up)."""
+    f2, f3, f4 = feature_sizes(backbone, side)
+    return (-(-f2 // SUPPORT_SHRINK["c2"]), -(-f3 // SUPPORT_SHRINK["c3"]), -(-f4 // SUPPORT_SHRINK["c4"]))
+
+
+def check_image_size(backbone: str, height: int, width: int) -> None:
+    """The mixing step adds squeezed C4 to C3 and C3 to C2, so their support dims must agree."""
+    for name, side in (("height", height), ("width", width)):
+        if side < 32 or min(feature_sizes(backbone, side)) < 1:
+            raise UserError(f"image {name} {side}: too small for {backbone} (at least 32)")
+        dims = squeezed_support_side(backbone, side)
+        if len(set(dims)) != 1:
+            raise UserError(
+                f"image {name} {side}: {backbone} cannot take it; the squeezed support sides of C2, C3, C4 "
+                f"would be {dims} and must agree (400 and 384 work; see `valid_image_sizes`)"
+            )
+
+
+def valid_image_sizes(backbone: str, lo: int = 32, hi: int = 1024) -> list[int]:
+    return [s for s in range(lo, hi + 1) if len(set(squeezed_support_side(backbone, s))) == 1]
+
+
+class HSNet(nn.Module):
+    """The authors' HSNet with their state_dict keys (`backbone.*`, `hpn_learner.*`, no `module.`).
+
+    forward(query_img (B,3,H,W), support_imgs (B,K,3,H,W), support_masks (B,K,H,W))
+      -> logits (B,K,2,H,W) per shot, mask (B,H,W) float32 {0,1}: the authors' K-shot vote.
+    The query backbone runs once per call and the K shots go through the learner as one batch.
+    `mask_support=False` is for the released checkpoint trained without support-feature masking.
+    """
+
+    def __init__(self, backbone: str = "resnet50", mask_support: bool = True):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise UserError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+        self.backbone_name = backbone
+        self.mask_support = mask_support
+        self.backbone = build_backbone(backbone)
+        self.hpn_learner = HPNLearner(self.backbone.stage_sizes)
+        self.resize = Resizer()
+        self.eval()
+
+    def prepare_export(self, height: int, width: int) -> HSNet:
+        """Switch to the export-exact numerics for one fixed input size (see resize.py, learner.py).
+
+        Every bilinear resize becomes a MatMul with constant matrices read off PyTorch's kernel, and
+        GroupNorm reduces in two stages. The eager model is unchanged until this is called.
+        """
+        check_image_size(self.backbone_name, height, width)
+        fh, fw = feature_sizes(self.backbone_name, height), feature_sizes(self.backbone_name, width)
+        self.resize.prepare({(height, s) for s in fh} | {(width, s) for s in fw})
+        learner_pairs = {(fh[2], fh[1]), (fh[1], fh[0]), (fw[2], fw[1]), (fw[1], fw[0]),
+                         (fh[0], 2 * fh[0]), (fw[0], 2 * fw[0])}
+        self.hpn_learner.resize.prepare(learner_pairs)
+        self.resize.prepare({(2 * fh[0], height), (2 * fw[0], width)})
+        for module in self.modules():
+            if isinstance(module, GroupNorm6d):
+                module.two_stage = True
+        return self
+
+    def support_logits(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-shot logits (B*K, 2, H, W), shot-major within each batch item."""
+        b, k = support_imgs.shape[:2]
+        h, w = query_img.shape[-2:]
+        query_feats = self.backbone.hypercolumns(query_img)  # once, whatever K is
+        support_feats = self.backbone.hypercolumns(support_imgs.reshape(b * k, *support_imgs.shape[2:]))
+        if self.mask_support:
+            support_feats = mask_support_features(support_feats, support_masks.reshape(b * k, h, w), self.resize)
+        pyramid = hypercorrelation(query_feats, support_feats, k, self.backbone.stage_sizes)
+        logits = self.hpn_learner(pyramid)
+        return self.resize(logits, (int(h), int(w)))
+
+    def forward(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = support_imgs.shape[:2]
+        h, w = query_img.shape[-2:]
+        logits = self.support_logits(query_img, support_imgs, support_masks).reshape(b, k, 2, h, w)
+        return logits, kshot_vote(logits)
+
+
+def kshot_vote(logits: torch.Tensor) -> torch.Tensor:
+    """The authors' K-shot rule on (B, K, 2, H, W) logits -> (B, H, W) float {0, 1}.
+
+    Sum the per-shot argmax masks, divide by max(largest vote in the image, 1), keep >= 0.5.
+    `fg > bg` equals argmax == 1 (argmax takes the first index on ties). With K = 1 this is the argmax.
+    """
+    votes = (logits[:, :, 1] > logits[:, :, 0]).to(logits.dtype).sum(dim=1)  # (B, H, W)
+    top = votes.flatten(1).amax(dim=1).clamp(min=1.0).reshape(-1, 1, 1)
+    return (votes / top >= 0.5).to(torch.float32)

@@ -1,0 +1,94 @@
+"""The 4D learner (authors' HPNLearner): squeeze each correlation stage, mix, decode to 2-class logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsnet_deploy.model.center_pivot import CenterPivotConv4d
+from hsnet_deploy.model.resize import Resizer
+
+GROUPS = 4
+GN_EPS = 1e-5
+# (out_channels, kernel, support_stride) per building block, from the authors' learner.py.
+SQUEEZE_C4 = ((16, 3, 2), (64, 3, 2), (128, 3, 2))
+SQUEEZE_C3 = ((16, 5, 4), (64, 3, 2), (128, 3, 2))
+SQUEEZE_C2 = ((16, 5, 4), (64, 5, 4), (128, 3, 2))
+MIX = ((128, 3, 1),) * 3
+
+
+class GroupNorm6d(nn.GroupNorm):
+    """nn.GroupNorm on (N, C, Hq, Wq, Hs, Ws), with an optional two-stage reduction.
+
+    Each group pools ~1.7M values at 400x400; ONNX Runtime's single-stage reductions lose ~6e-4
+    relative there. Reducing over the support dims first and then over the rest keeps FP32 exact to
+    ~3e-7. Eager mode keeps nn.GroupNorm (the authors' numerics); export switches `two_stage` on.
+    """
+
+    two_stage = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.two_stage:
+            return super().forward(x)
+        n, c = x.shape[:2]
+        spatial = x.shape[2:]
+        # (N, C, Hq, Wq, Hs, Ws) -> (N, G, C/G*Hq*Wq, Hs*Ws)
+        g = x.reshape(n, self.num_groups, -1, spatial[-2] * spatial[-1])
+        mean = g.mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
+        centred = g - mean
+        var = (centred * centred).mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
+        y = (centred / torch.sqrt(var + self.eps)).reshape(x.shape)
+        affine_shape = (1, c) + (1,) * len(spatial)
+        return y * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+
+
+def building_block(in_channels: int, spec: tuple[tuple[int, int, int], ...]) -> nn.Sequential:
+    """[center-pivot conv, GroupNorm, ReLU] per triple; Sequential indices match the authors' keys."""
+    layers: list[nn.Module] = []
+    for out_channels, kernel, stride in spec:
+        layers += [
+            CenterPivotConv4d(in_channels, out_channels, kernel, stride),
+            GroupNorm6d(GROUPS, out_channels, eps=GN_EPS),
+            nn.ReLU(inplace=True),
+        ]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+class HPNLearner(nn.Module):
+    def __init__(self, stage_channels: tuple[int, int, int]):
+        """stage_channels: correlation layers per stage, deepest first (resnet50: 3, 6, 4)."""
+        super().__init__()
+        c4, c3, c2 = stage_channels
+        self.encoder_layer4 = building_block(c4, SQUEEZE_C4)
+        self.encoder_layer3 = building_block(c3, SQUEEZE_C3)
+        self.encoder_layer2 = building_block(c2, SQUEEZE_C2)
+        self.encoder_layer4to3 = building_block(128, MIX)
+        self.encoder_layer3to2 = building_block(128, MIX)
+        self.decoder1 = nn.Sequential(
+            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 64, 3, padding=1), nn.ReLU()
+        )
+        self.decoder2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 2, 3, padding=1))
+        self.resize = Resizer()
+
+    def upsample_query_dims(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinearly resize the query dims of (N, C, Hq, Wq, Hs, Ws) to `size`."""
+        # (N, C, Hq, Wq, Hs, Ws) -> (N, Hs, Ws, C, Hq, Wq): the resize acts on the last two dims.
+        y = self.resize(x.permute(0, 4, 5, 1, 2, 3), size)
+        return y.permute(0, 3, 4, 5, 1, 2)
+
+    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        sqz4 = self.encoder_layer4(pyramid[0])
+        sqz3 = self.encoder_layer3(pyramid[1])
+        sqz2 = self.encoder_layer2(pyramid[2])
+
+        mix43 = self.upsample_query_dims(sqz4, tuple(sqz3.shape[2:4])) + sqz3
+        mix43 = self.encoder_layer4to3(mix43)
+        mix432 = self.upsample_query_dims(mix43, tuple(sqz2.shape[2:4])) + sqz2
+        mix432 = self.encoder_layer3to2(mix432)
+
+        encoded = mix432.flatten(4).mean(dim=-1)  # average over the support dims: (N, 128, Hq, Wq)
+        decoded = self.decoder1(encoded)
+        # The authors upsample to (2W, 2W) and assume square inputs; (2H, 2W) is the same there.
+        decoded = self.resize(decoded, (2 * int(decoded.shape[-2]), 2 * int(decoded.shape[-1])))
+        return self.decoder2(decoded)
