@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ def _read(path: Path) -> object:
         # weights_only=True: never run pickled code from a downloaded file. It reads PyTorch 1.5's
         # legacy (non-zip) serialisation too, which is what the authors' files use.
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle a user's file is bad input, not a bug
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
 

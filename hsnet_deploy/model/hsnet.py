@@ -8,7 +8,7 @@ from torch import nn
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.model.backbones import BACKBONES, build_backbone, feature_sizes
 from hsnet_deploy.model.correlation import hypercorrelation, mask_support_features
-from hsnet_deploy.model.learner import HPNLearner, GroupNorm6d
+from hsnet_deploy.model.learner import GroupNorm6d, HPNLearner
 from hsnet_deploy.model.resize import Resizer
 
 # Support strides of each squeeze block (C2, C3, C4): their product is what the support dims shrink by.
@@ -82,6 +82,7 @@ class HSNet(nn.Module):
         """Per-shot logits (B*K, 2, H, W), shot-major within each batch item."""
         b, k = support_imgs.shape[:2]
         h, w = query_img.shape[-2:]
+        check_image_size(self.backbone_name, int(h), int(w))
         query_feats = self.backbone.hypercolumns(query_img)  # once, whatever K is
         support_feats = self.backbone.hypercolumns(support_imgs.reshape(b * k, *support_imgs.shape[2:]))
         if self.mask_support:

@@ -1,0 +1,42 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def reference_keys(backbone: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The authors' state_dict (without `module.`) as listed in shared/reference."""
+    path = SHARED / "reference" / f"authors-keys-{backbone}.txt"
+    if not path.exists():
+        pytest.skip(f"reason: {path} is missing (shared/ must sit beside the checkout)")
+    keys = {}
+    for line in path.read_text().splitlines():
+        name, rest = line.split(" ", 1)
+        shape_text, dtype = rest.rsplit(" ", 1)
+        shape = tuple(int(x) for x in shape_text.strip("()").split(",") if x.strip())
+        keys[name.removeprefix("module.")] = (shape, dtype)
+    return keys
+
+
+def random_episode(b: int, k: int, size: int, seed: int = 0, noise_masks: bool = False):
+    """Random images and masks: filled ellipses (or pixel noise) so the support masks are realistic."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 3, size, size, generator=g)
+    s = torch.randn(b, k, 3, size, size, generator=g)
+    if noise_masks:
+        m = (torch.rand(b, k, size, size, generator=g) > 0.5).float()
+    else:
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        m = torch.zeros(b, k, size, size)
+        for i in range(b):
+            for j in range(k):
+                cy, cx, ry, rx = (torch.rand(4, generator=g) * torch.tensor([0.6, 0.6, 0.3, 0.3]) + 0.2) * size
+                m[i, j] = ((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1).float()
+    return q, s, m
