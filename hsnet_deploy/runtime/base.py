@@ -46,7 +46,7 @@ class Runner(ABC):
         self.inference_times: list[float] = []
         self.active = False
 
-    def __enter__(self):  # noqa: ANN204 - returns the concrete runner
+    def __enter__(self):
         self.activate()
         self.active = True
         return self
