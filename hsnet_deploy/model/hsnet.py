@@ -78,8 +78,8 @@ class HSNet(nn.Module):
 
     def support_logits(
         self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-shot logits (B*K, 2, H, W), shot-major within each batch item."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per-shot logits (B*K, 2, H, W), shot-major within each batch item, and the pyramid [C4, C3, C2]."""
         b, k = support_imgs.shape[:2]
         h, w = query_img.shape[-2:]
         check_image_size(self.backbone_name, int(h), int(w))
@@ -89,14 +89,15 @@ class HSNet(nn.Module):
             support_feats = mask_support_features(support_feats, support_masks.reshape(b * k, h, w), self.resize)
         pyramid = hypercorrelation(query_feats, support_feats, k, self.backbone.stage_sizes)
         logits = self.hpn_learner(pyramid)
-        return self.resize(logits, (int(h), int(w)))
+        return self.resize(logits, (int(h), int(w))), pyramid
 
     def forward(
         self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, k = support_imgs.shape[:2]
         h, w = query_img.shape[-2:]
-        logits = self.support_logits(query_img, support_imgs, support_masks).reshape(b, k, 2, h, w)
+        logits, _ = self.support_logits(query_img, support_imgs, support_masks)
+        logits = logits.reshape(b, k, 2, h, w)
         return logits, kshot_vote(logits)
 
 
