@@ -1,0 +1,137 @@
+"""Image and mask preprocessing, exactly as the authors' data pipeline does it.
+
+The authors resize the uint8 PIL image with PIL's bilinear filter (torchvision `Resize` on a PIL image,
+which antialiases) and only then convert to float; resizing a float tensor with `F.interpolate`
+gives different pixels and different accuracy numbers. Masks go through PyTorch's legacy
+`mode='nearest'` (source index floor(dst * in / out), in float32), which is neither PIL NEAREST
+nor 'nearest-exact'.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from hsnet_deploy.errors import UserError
+
+IMG_SIZE = 400  # authors' test.py: FSSDataset.initialize(img_size=400, ...)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # authors' data/dataset.py (FSSDataset.img_mean)
+IMAGENET_STD = (0.229, 0.224, 0.225)  # authors' data/dataset.py (FSSDataset.img_std)
+IGNORE_LABEL = 255  # authors' common/evaluation.py: PASCAL boundary pixels
+
+
+def _open(path: str | os.PathLike, what: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated file fails here with its name, not later
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected an {what} file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc})") from None
+    return img
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image as RGB (grey, palette and RGBA images are converted, as the authors' `.convert('RGB')`)."""
+    return _open(path, "image").convert("RGB")
+
+
+def image_to_tensor(img: Image.Image, size: int = IMG_SIZE) -> torch.Tensor:
+    """(3, size, size) float32: PIL bilinear resize of the uint8 image, /255, ImageNet normalisation.
+
+    The arithmetic follows torchvision's ToTensor + Normalize in float32, so the values are bit-identical
+    to the authors' transform. The aspect ratio is not kept (the authors' Resize((size, size))).
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    resized = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(resized, dtype=np.uint8)  # (size, size, 3)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+def load_mask(path: str | os.PathLike, *, luminance: bool = False) -> np.ndarray:
+    """The raw label array (H, W) uint8 of a mask file, for the dataset readers' own rules.
+
+    Default (PASCAL, COCO; the authors' `np.array(Image.open(...))`): palette PNGs give their indices,
+    grey PNGs their values, 1-bit PNGs 0/1. An RGB(A) file is accepted only when its colour channels are
+    equal (a grey mask saved as RGB). `luminance=True` is the FSS-1000 rule, `.convert('L')`, which maps
+    any mode (palette colours included) to grey levels.
+    """
+    return _labels(_open(path, "mask"), path, luminance)
+
+
+def _labels(img: Image.Image, path: str | os.PathLike, luminance: bool) -> np.ndarray:
+    if luminance:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if img.mode in ("1", "L", "P"):
+        return np.asarray(img).astype(np.uint8)
+    if img.mode in ("LA", "PA"):
+        return np.asarray(img)[..., 0].astype(np.uint8)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        arr = np.asarray(img)
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise UserError(f"{path}: mask values range {arr.min()}..{arr.max()}, expected labels 0..255")
+        return arr.astype(np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        arr = np.asarray(img)[..., :3]
+        if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+            return np.ascontiguousarray(arr[..., 0], dtype=np.uint8)
+        raise UserError(f"{path}: colour mask ({img.mode}); expected a palette, grey or 0/1 PNG of labels")
+    raise UserError(f"{path}: unsupported mask mode {img.mode!r}; expected a palette, grey or 0/1 PNG")
+
+
+def binary_mask(labels: np.ndarray, *, palette: bool = False) -> np.ndarray:
+    """Foreground (bool) of a user's own mask, whatever convention the file follows.
+
+    - palette PNG (`palette=True`): every index except 0 (background) and 255 (VOC's void border);
+    - values only 0/1: value 1;
+    - otherwise a grey 0/255 mask, possibly antialiased: value >= 128 (the authors' FSS-1000 rule).
+    A grey label map with small values (e.g. 0..20) is refused rather than silently read as empty.
+    """
+    if palette:
+        return (labels != 0) & (labels != IGNORE_LABEL)
+    top = int(labels.max()) if labels.size else 0
+    if top <= 1:
+        return labels > 0
+    if top < 128:
+        raise UserError(
+            f"mask values go up to {top}: expected a binary mask (0/1 or 0/255) or a palette PNG"
+        )
+    return labels >= 128
+
+
+def load_binary_mask(path: str | os.PathLike, *, require_foreground: bool = True) -> np.ndarray:
+    """A user's mask file (e.g. `predict --support IMG MASK`) as float32 {0, 1} (H, W), per `binary_mask`.
+
+    An empty support mask would make every support feature zero and the prediction meaningless, so by
+    default it is an error naming the file.
+    """
+    img = _open(path, "mask")
+    palette = img.mode in ("P", "PA")
+    try:
+        fg = binary_mask(_labels(img, path, luminance=False), palette=palette)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    if require_foreground and not fg.any():
+        raise UserError(f"{path}: mask has no foreground pixels")
+    return fg.astype(np.float32)
+
+
+def mask_to_tensor(mask: np.ndarray, size: int = IMG_SIZE) -> torch.Tensor:
+    """(size, size) float32 via PyTorch's legacy nearest resize, as the authors resize every mask.
+
+    Works on raw labels too (nearest only selects pixels), so 255 ignore labels survive the resize.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(mask)).to(torch.float32)[None, None]  # (1, 1, H, W)
+    return F.interpolate(t, size=(size, size), mode="nearest")[0, 0]

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hsnet_deploy.data.preprocess import (
+    binary_mask,
+    image_to_tensor,
+    load_binary_mask,
+    load_image,
+    load_mask,
+    mask_to_tensor,
+)
+from hsnet_deploy.errors import UserError
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8))
+
+
+def test_image_to_tensor_matches_numpy_normalisation_of_pil_bilinear_resize(photo):
+    resized = np.asarray(photo.resize((400, 400), resample=Image.Resampling.BILINEAR)).astype(np.float32)
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    expected = ((resized / np.float32(255) - mean) / std).transpose(2, 0, 1)
+
+    out = image_to_tensor(photo)
+
+    assert out.dtype == torch.float32 and out.shape == (3, 400, 400)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_image_to_tensor_is_not_the_float_interpolate_path():
+    # Downscaling is where PIL's antialiasing differs from F.interpolate on a float tensor.
+    rng = np.random.default_rng(2)
+    big = Image.fromarray(rng.integers(0, 256, size=(900, 700, 3), dtype=np.uint8))
+    x = torch.from_numpy(np.asarray(big).copy()).permute(2, 0, 1)[None].float() / 255
+    via_float = F.interpolate(x, size=(400, 400), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert (image_to_tensor(big) - (via_float - mean) / std).abs().max() > 0.1
+
+
+def test_image_to_tensor_other_size_and_grey_input():
+    grey = Image.fromarray(np.full((5, 7), 128, dtype=np.uint8))
+    out = image_to_tensor(grey, size=64)
+    assert out.shape == (3, 64, 64)
+    np.testing.assert_allclose(out[:, 0, 0].numpy(), (128 / 255 - np.array([0.485, 0.456, 0.406])) /
+                               np.array([0.229, 0.224, 0.225]), atol=1e-6)
+
+
+def _legacy_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """PyTorch's legacy nearest source index: floor(dst * (in / out)) in float32, clamped to in - 1."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (333, 241), (224, 224), (7, 3), (400, 400), (1000, 801)])
+def test_mask_to_tensor_matches_floor_index_nearest(shape):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    expected = labels[np.ix_(_legacy_nearest_index(shape[0], 400), _legacy_nearest_index(shape[1], 400))]
+
+    out = mask_to_tensor(labels)
+
+    assert out.dtype == torch.float32 and out.shape == (400, 400)
+    np.testing.assert_array_equal(out.numpy(), expected.astype(np.float32))
+
+
+def test_mask_to_tensor_is_not_pil_nearest():
+    labels = np.arange(375 * 500, dtype=np.int64).reshape(375, 500) % 251
+    pil = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((400, 400), Image.Resampling.NEAREST))
+    assert not np.array_equal(mask_to_tensor(labels.astype(np.uint8)).numpy(), pil.astype(np.float32))
+
+
+def _save(tmp_path, name, img: Image.Image):
+    path = tmp_path / name
+    img.save(path)
+    return path
+
+
+def test_load_mask_returns_raw_labels_for_grey_palette_and_one_bit(tmp_path):
+    labels = np.array([[0, 1, 15], [255, 3, 0]], dtype=np.uint8)
+    grey = _save(tmp_path, "grey.png", Image.fromarray(labels))
+    pal_img = Image.fromarray(labels, mode="P")
+    pal_img.putpalette([v for i in range(256) for v in (i * 7 % 256, i * 3 % 256, 255 - i)])
+    pal = _save(tmp_path, "pal.png", pal_img)
+    one_bit = _save(tmp_path, "bit.png", Image.fromarray(labels > 1))
+    rgb_grey = _save(tmp_path, "rgb.png", Image.fromarray(np.repeat(labels[..., None], 3, axis=2)))
+
+    np.testing.assert_array_equal(load_mask(grey), labels)
+    np.testing.assert_array_equal(load_mask(pal), labels)
+    np.testing.assert_array_equal(load_mask(one_bit), (labels > 1).astype(np.uint8))
+    np.testing.assert_array_equal(load_mask(rgb_grey), labels)
+    assert load_mask(grey).dtype == np.uint8
+
+
+def test_load_mask_palette_indices_are_not_colours(tmp_path):
+    idx = np.array([[0, 2], [1, 2]], dtype=np.uint8)
+    img = Image.fromarray(idx, mode="P")
+    img.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * (253 * 3))
+    path = _save(tmp_path, "voc.png", img)
+    np.testing.assert_array_equal(load_mask(path), idx)
+    # The FSS rule (.convert('L')) reads the palette colours' luminance instead.
+    np.testing.assert_array_equal(load_mask(path, luminance=True), np.asarray(img.convert("L")))
+
+
+def test_load_mask_refuses_colour_masks(tmp_path):
+    rgb = np.zeros((2, 2, 3), dtype=np.uint8)
+    rgb[0, 0] = (255, 0, 0)
+    path = _save(tmp_path, "colour.png", Image.fromarray(rgb))
+    with pytest.raises(UserError, match="colour.png"):
+        load_mask(path)
+
+
+def test_binary_mask_rules_for_user_masks():
+    np.testing.assert_array_equal(binary_mask(np.array([[0, 1]], np.uint8)), [[False, True]])
+    np.testing.assert_array_equal(binary_mask(np.array([[0, 127, 128, 255]], np.uint8)), [[False, False, True, True]])
+    np.testing.assert_array_equal(binary_mask(np.array([[0, 3, 255]], np.uint8), palette=True), [[False, True, False]])
+    with pytest.raises(UserError, match="up to 20"):
+        binary_mask(np.array([[0, 20]], np.uint8))
+
+
+def test_load_binary_mask_reads_palette_and_grey_and_refuses_empty(tmp_path):
+    idx = np.array([[0, 7], [255, 7]], dtype=np.uint8)
+    pal = Image.fromarray(idx, mode="P")
+    pal.putpalette([0, 0, 0] * 256)
+    assert load_binary_mask(_save(tmp_path, "p.png", pal)).tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    grey = _save(tmp_path, "g.png", Image.fromarray(np.array([[0, 255], [200, 10]], np.uint8)))
+    out = load_binary_mask(grey)
+    assert out.dtype == np.float32 and out.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    empty = _save(tmp_path, "empty.png", Image.fromarray(np.zeros((3, 3), np.uint8)))
+    with pytest.raises(UserError, match="empty.png: mask has no foreground"):
+        load_binary_mask(empty)
+    labels = _save(tmp_path, "labels.png", Image.fromarray(np.array([[0, 12]], np.uint8)))
+    with pytest.raises(UserError, match="labels.png"):
+        load_binary_mask(labels)
+
+
+def test_missing_or_corrupt_files_are_user_errors_naming_the_path(tmp_path):
+    with pytest.raises(UserError, match="nothing.jpg: image file not found"):
+        load_image(tmp_path / "nothing.jpg")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError, match="bad.png: cannot read mask"):
+        load_mask(bad)
+    truncated = tmp_path / "cut.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(UserError, match="cut.jpg"):
+        load_image(truncated)
+
+
+def test_load_image_converts_to_rgb(tmp_path):
+    path = _save(tmp_path, "grey.png", Image.fromarray(np.full((3, 4), 9, np.uint8)))
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (4, 3)
