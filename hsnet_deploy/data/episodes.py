@@ -1,0 +1,124 @@
+"""The one episode type, the list a benchmark reader returns, and loading an episode into tensors.
+
+Episodes hold only paths and labels: sampling (cheap, and the RNG stream must follow episode order)
+is done up front by `datasets.py`; decoding images (slow) happens later, possibly in another thread,
+without touching any random state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsnet_deploy.data.preprocess import IMG_SIZE, image_to_tensor, load_image, load_mask, mask_to_tensor
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot episode: a query and K supports of one class.
+
+    `fg_label` is the mask value that marks the class (PASCAL, COCO: class id + 1); None means the
+    FSS-1000 rule (grey level >= 128). `ignore_label` (PASCAL: 255) marks pixels left out of the IoU
+    and turned into background in support masks.
+    """
+
+    index: int
+    class_id: int
+    class_name: str
+    query_image: Path
+    query_mask: Path
+    support_images: tuple[Path, ...]
+    support_masks: tuple[Path, ...]
+    fg_label: int | None = None
+    ignore_label: int | None = None
+
+    @property
+    def shots(self) -> int:
+        return len(self.support_images)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["query_image"], d["query_mask"] = str(self.query_image), str(self.query_mask)
+        d["support_images"] = [str(p) for p in self.support_images]
+        d["support_masks"] = [str(p) for p in self.support_masks]
+        return d
+
+
+@dataclass
+class EpisodeSet:
+    """A benchmark's episode list with what the metric needs: the fold's class ids and names."""
+
+    dataset: str
+    fold: int
+    shots: int
+    class_ids: tuple[int, ...]
+    class_names: dict[int, str]
+    episodes: list[Episode]
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def digest(self) -> str:
+        """sha256 of every episode's paths and labels: changes with the data root, split files, seed or K."""
+        h = hashlib.sha256()
+        for ep in self.episodes:
+            h.update(json.dumps(ep.to_dict(), sort_keys=True).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class EpisodeTensors:
+    """An episode ready for the model. Masks are float32 {0, 1}; ignore masks are bool."""
+
+    query_img: torch.Tensor  # (3, S, S)
+    support_imgs: torch.Tensor  # (K, 3, S, S)
+    support_masks: torch.Tensor  # (K, S, S)
+    query_mask: torch.Tensor  # (S, S), nearest-resized
+    query_ignore: torch.Tensor  # (S, S) bool
+    query_mask_orig: torch.Tensor  # (H0, W0), the query's own size
+    query_ignore_orig: torch.Tensor  # (H0, W0) bool
+
+
+def _binarise(labels: np.ndarray, ep: Episode) -> tuple[np.ndarray, np.ndarray]:
+    """(foreground, ignore) as float32 and bool, by the episode's dataset rule."""
+    if ep.fg_label is None:
+        fg = labels >= 128  # authors' data/fss.py read_mask
+    else:
+        fg = labels == ep.fg_label
+    if ep.ignore_label is None:
+        ignore = np.zeros(labels.shape, dtype=bool)
+    else:
+        ignore = labels == ep.ignore_label
+    return fg.astype(np.float32), ignore
+
+
+def load_episode(ep: Episode, size: int = IMG_SIZE) -> EpisodeTensors:
+    """Decode and preprocess one episode as the authors' readers do (errors name the missing file)."""
+    luminance = ep.fg_label is None  # FSS-1000 masks are read through .convert('L')
+
+    q_labels = load_mask(ep.query_mask, luminance=luminance)
+    q_fg, q_ign = _binarise(q_labels, ep)
+    # Resizing the raw labels then binarising equals binarising then resizing: nearest only selects pixels.
+    q_fg_s, q_ign_s = _binarise(mask_to_tensor(q_labels, size).to(torch.uint8).numpy(), ep)
+
+    s_imgs, s_masks = [], []
+    for img_path, mask_path in zip(ep.support_images, ep.support_masks):
+        s_imgs.append(image_to_tensor(load_image(img_path), size))
+        fg, _ = _binarise(load_mask(mask_path, luminance=luminance), ep)  # ignore (255) -> background
+        s_masks.append(mask_to_tensor(fg, size))
+
+    return EpisodeTensors(
+        query_img=image_to_tensor(load_image(ep.query_image), size),
+        support_imgs=torch.stack(s_imgs),
+        support_masks=torch.stack(s_masks),
+        query_mask=torch.from_numpy(q_fg_s),
+        query_ignore=torch.from_numpy(q_ign_s),
+        query_mask_orig=torch.from_numpy(q_fg),
+        query_ignore_orig=torch.from_numpy(q_ign),
+    )
