@@ -102,3 +102,8 @@ def props_to_meta(props: dict[str, str]) -> dict:
         except json.JSONDecodeError:
             meta[key[len(META_PREFIX):]] = value
     return meta
+
+
+def stage_of_node(meta: dict) -> dict[str, str]:
+    """Node name -> HSNet stage, from the `stages` map an exported model carries (empty when absent)."""
+    return {name: stage for stage, names in meta.get("stages", {}).items() for name in names}

@@ -29,6 +29,7 @@ from hsnet_deploy.artifacts import (
     PREPROCESSING, atomic_path, check_output_path, meta_to_props, tool_versions,
 )
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.export.stages import label_stages
 from hsnet_deploy.export.verify import FP32_REL_TOL, PYRAMID_NAMES, EpisodeCheck, verify_onnx
 from hsnet_deploy.model import HSNet, check_image_size, kshot_vote
 
@@ -68,6 +69,7 @@ class ExportReport:
     op_counts: dict[str, int] = field(default_factory=dict)
     checks: list[EpisodeCheck] = field(default_factory=list)
     tolerance: float = FP32_REL_TOL
+    stage_nodes: dict[str, int] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -77,7 +79,7 @@ class ExportReport:
         return {
             "path": self.path, "backbone": self.backbone, "img_size": self.img_size, "opset": self.opset,
             "seconds": round(self.seconds, 2), "file_bytes": self.file_bytes, "nodes": self.nodes,
-            "op_counts": self.op_counts, "tolerance": self.tolerance, "passed": self.passed,
+            "op_counts": self.op_counts, "stage_nodes": self.stage_nodes, "tolerance": self.tolerance, "passed": self.passed,
             "checks": [c.to_dict() for c in self.checks],
         }
 
@@ -153,6 +155,8 @@ def export_onnx(
         if not report.passed:
             return report  # the caller reports the numbers; nothing is written
 
+        stages = label_stages(proto, PYRAMID_NAMES, "logits")
+        report.stage_nodes = {stage: len(names) for stage, names in stages.items()}
         _drop_outputs(proto, PYRAMID_NAMES)
         meta = {
             "format": "hsnet-deploy/onnx-v1",
@@ -164,6 +168,7 @@ def export_onnx(
             "versions": tool_versions(),
             "preprocessing": PREPROCESSING,
             "verification": {"tolerance": tolerance, "worst_rel": max(c.worst_rel() for c in report.checks)},
+            "stages": stages,
             **(source or {}),
         }
         onnx.helper.set_model_props(proto, meta_to_props(meta))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -38,6 +40,10 @@ def valid_image_sizes(backbone: str, lo: int = 32, hi: int = 1024) -> list[int]:
     return [s for s in range(lo, hi + 1) if len(set(squeezed_support_side(backbone, s))) == 1]
 
 
+def _no_mark(stage: str) -> None:
+    return None
+
+
 class HSNet(nn.Module):
     """The authors' HSNet with their state_dict keys (`backbone.*`, `hpn_learner.*`, no `module.`).
 
@@ -55,7 +61,8 @@ class HSNet(nn.Module):
         self.mask_support = mask_support
         self.backbone = build_backbone(backbone)
         self.hpn_learner = HPNLearner(self.backbone.stage_sizes)
-        self.resize = Resizer()
+        self.mask_resize = Resizer()  # support masks to each feature size (the exactness-critical one)
+        self.output_resize = Resizer()  # learner logits to the input size
         self.eval()
 
     def prepare_export(self, height: int, width: int) -> HSNet:
@@ -66,30 +73,45 @@ class HSNet(nn.Module):
         """
         check_image_size(self.backbone_name, height, width)
         fh, fw = feature_sizes(self.backbone_name, height), feature_sizes(self.backbone_name, width)
-        self.resize.prepare({(height, s) for s in fh} | {(width, s) for s in fw})
+        self.mask_resize.prepare({(height, s) for s in fh} | {(width, s) for s in fw})
         learner_pairs = {(fh[2], fh[1]), (fh[1], fh[0]), (fw[2], fw[1]), (fw[1], fw[0]),
                          (fh[0], 2 * fh[0]), (fw[0], 2 * fw[0])}
         self.hpn_learner.resize.prepare(learner_pairs)
-        self.resize.prepare({(2 * fh[0], height), (2 * fw[0], width)})
+        self.output_resize.prepare({(2 * fh[0], height), (2 * fw[0], width)})
         for module in self.modules():
             if isinstance(module, GroupNorm6d):
                 module.two_stage = True
         return self
 
     def support_logits(
-        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+        self,
+        query_img: torch.Tensor,
+        support_imgs: torch.Tensor,
+        support_masks: torch.Tensor,
+        mark: Callable[[str], None] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-shot logits (B*K, 2, H, W), shot-major within each batch item, and the pyramid [C4, C3, C2]."""
+        """Per-shot logits (B*K, 2, H, W), shot-major within each batch item, and the pyramid [C4, C3, C2].
+
+        `mark(stage)` is called as each stage (backbone, correlation, learner, decoder) finishes, so a
+        profiler can time them without a second copy of this method.
+        """
+        mark = mark or _no_mark
         b, k = support_imgs.shape[:2]
         h, w = query_img.shape[-2:]
         check_image_size(self.backbone_name, int(h), int(w))
         query_feats = self.backbone.hypercolumns(query_img)  # once, whatever K is
         support_feats = self.backbone.hypercolumns(support_imgs.reshape(b * k, *support_imgs.shape[2:]))
+        mark("backbone")
         if self.mask_support:
-            support_feats = mask_support_features(support_feats, support_masks.reshape(b * k, h, w), self.resize)
+            masks = support_masks.reshape(b * k, h, w)
+            support_feats = mask_support_features(support_feats, masks, self.mask_resize)
         pyramid = hypercorrelation(query_feats, support_feats, k, self.backbone.stage_sizes)
-        logits = self.hpn_learner(pyramid)
-        return self.resize(logits, (int(h), int(w))), pyramid
+        mark("correlation")
+        encoded = self.hpn_learner.encode(pyramid)
+        mark("learner")
+        logits = self.output_resize(self.hpn_learner.decode(encoded), (int(h), int(w)))
+        mark("decoder")
+        return logits, pyramid
 
     def forward(
         self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor

@@ -78,6 +78,10 @@ class HPNLearner(nn.Module):
         return y.permute(0, 3, 4, 5, 1, 2)
 
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        return self.decode(self.encode(pyramid))
+
+    def encode(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        """Squeeze and mix the 4D pyramid, then average out the support dims: (N, 128, Hq, Wq)."""
         sqz4 = self.encoder_layer4(pyramid[0])
         sqz3 = self.encoder_layer3(pyramid[1])
         sqz2 = self.encoder_layer2(pyramid[2])
@@ -87,7 +91,10 @@ class HPNLearner(nn.Module):
         mix432 = self.upsample_query_dims(mix43, tuple(sqz2.shape[2:4])) + sqz2
         mix432 = self.encoder_layer3to2(mix432)
 
-        encoded = mix432.flatten(4).mean(dim=-1)  # average over the support dims: (N, 128, Hq, Wq)
+        return mix432.flatten(4).mean(dim=-1)
+
+    def decode(self, encoded: torch.Tensor) -> torch.Tensor:
+        """2D decoder: (N, 128, Hq, Wq) -> logits (N, 2, 2Hq, 2Wq)."""
         decoded = self.decoder1(encoded)
         # The authors upsample to (2W, 2W) and assume square inputs; (2H, 2W) is the same there.
         decoded = self.resize(decoded, (2 * int(decoded.shape[-2]), 2 * int(decoded.shape[-1])))

@@ -1,0 +1,116 @@
+"""Open any artifact and pick its runner from the metadata; refuse one that does not fit, with `Error:`.
+
+ARTIFACT is an ONNX model (FP32, FP16, INT8), an ORT-optimised model, a TensorRT plan with its sidecar
+JSON, or a PyTorch checkpoint (the authors' `best_model.pt` with a backbone, or this project's format).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hsnet_deploy.artifacts import props_to_meta
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.runtime.base import Runner
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+@dataclass
+class Artifact:
+    path: Path
+    kind: str  # "onnx" | "tensorrt" | "checkpoint"
+    meta: dict
+
+
+def read_onnx_meta(path: Path) -> dict:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
+        raise UserError(f"{path}: not a readable ONNX model (truncated or damaged? {type(exc).__name__})") from None
+    meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
+    if "backbone" not in meta:
+        raise UserError(f"{path}: an ONNX model without hsnet-deploy metadata; export it with `hsnet-deploy export`")
+    names = {i.name for i in proto.graph.input}
+    if names != {"query_img", "support_imgs", "support_masks"}:
+        raise UserError(f"{path}: inputs {sorted(names)} are not HSNet's (query_img, support_imgs, support_masks)")
+    return meta
+
+
+def inspect_artifact(path: str | Path) -> Artifact:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: artifact not found")
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        return Artifact(path, "checkpoint", {})
+    if suffix in ENGINE_SUFFIXES:
+        sidecar = path.with_name(path.name + ".json")
+        if not sidecar.is_file():
+            raise UserError(f"{path}: TensorRT plan without its metadata file {sidecar.name}")
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{sidecar}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return Artifact(path, "tensorrt", meta)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip or legacy pickle: a torch checkpoint
+        return Artifact(path, "checkpoint", {})
+    return Artifact(path, "onnx", read_onnx_meta(path))
+
+
+def open_artifact(
+    path: str | Path,
+    device: str = "auto",
+    backbone: str | None = None,
+    img_size: int | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
+    cuda_graph: bool = False,
+) -> Runner:
+    """The runner for `path`. `device` is cpu, cuda or auto (cuda when the backend can use it here).
+
+    `img_size`, when given, must equal the artifact's: H and W are fixed at export.
+    """
+    art = inspect_artifact(path)
+    if art.kind == "checkpoint":
+        import torch
+
+        from hsnet_deploy.model import load_checkpoint
+        from hsnet_deploy.runtime.torch_runner import TorchRunner
+
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        return TorchRunner(load_checkpoint(art.path, backbone), dev, precision or "fp32", str(art.path))
+
+    size = int(art.meta.get("img_size", 0))
+    if img_size is not None and size != img_size:
+        raise UserError(f"{art.path}: built for {size}x{size} images, not {img_size}x{img_size}")
+    if art.kind == "tensorrt":
+        from hsnet_deploy.runtime.trt_runner import TensorRTRunner
+
+        if device == "cpu":
+            raise UserError(f"{art.path}: a TensorRT engine runs on a CUDA GPU only")
+        return TensorRTRunner(str(art.path), art.meta)
+
+    from hsnet_deploy.runtime.ort_runner import OrtRunner, available_providers
+
+    optimised_for = art.meta.get("ort_device")
+    if device == "auto":
+        device = optimised_for or ("cuda" if "CUDAExecutionProvider" in available_providers() else "cpu")
+    if optimised_for and optimised_for != device:
+        raise UserError(f"{art.path}: optimised by ONNX Runtime for {optimised_for}; it cannot run on {device}")
+    ort_version = art.meta.get("ort_version")
+    if ort_version:
+        import onnxruntime
+
+        if ort_version != onnxruntime.__version__:
+            raise UserError(
+                f"{art.path}: optimised by ONNX Runtime {ort_version}, this is {onnxruntime.__version__}; "
+                "rebuild it with `hsnet-deploy build-engine --backend onnxruntime`"
+            )
+    return OrtRunner(str(art.path), art.meta, device, threads, cuda_graph)

@@ -1,0 +1,112 @@
+"""The timing loop behind `hsnet-deploy bench`: latency percentiles, throughput, cold start, memory,
+per-stage breakdown and achieved GFLOP/s, for any list of runners, measured in one process and one run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from hsnet_deploy.runtime.base import Runner
+from hsnet_deploy.runtime.memory import peak_rss_bytes, reset_peak_rss
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+@dataclass
+class BenchResult:
+    label: str
+    backend: str
+    device: str
+    precision: str
+    artifact: str
+    batch: int
+    shots: int
+    iters: int = 0
+    cold_ms: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    episodes_per_s: float | None = None
+    peak_rss_mb: float | None = None
+    device_mem_mb: float | None = None
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    gflop_per_s: float | None = None
+    speedup_vs_eager: float | None = None
+    complete: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    out = {"min": float(ms.min()), "mean": float(ms.mean())}
+    out.update({f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES})
+    out["max"] = float(ms.max())
+    return out
+
+
+def episode_flops(model, feed: dict[str, np.ndarray]) -> float:
+    """FLOPs of one call (2 per multiply-add), counted by PyTorch's FlopCounterMode on the eager model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tensors = [torch.from_numpy(feed[n]) for n in ("query_img", "support_imgs", "support_masks")]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(*tensors)
+    return float(counter.get_total_flops())
+
+
+def matmul_gflops(seconds: float = 1.0, n: int = 1024) -> float:
+    """This machine's FP32 GEMM rate right now, as the yardstick for the episode's achieved GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        done += 1
+    return 2 * n**3 * done / (time.perf_counter() - start) / 1e9
+
+
+def bench_runner(
+    runner: Runner,
+    feed: dict[str, np.ndarray],
+    iters: int,
+    warmup: int,
+    tick: Callable[[], None] = lambda: None,
+    stage_profile: Callable[[Runner], dict[str, float]] | None = None,
+) -> BenchResult:
+    """Enter the runner, time a cold call, warm up, time `iters` calls. Ctrl-C keeps what was measured."""
+    b, k = feed["support_imgs"].shape[:2]
+    info = runner.info
+    res = BenchResult(info.label, info.backend, info.device, info.precision, info.artifact, int(b), int(k))
+    reset_peak_rss()
+    try:
+        with runner:
+            runner.infer(feed)
+            res.cold_ms = runner.inference_times[-1] * 1e3
+            for _ in range(max(0, warmup - 1)):
+                runner.infer(feed)
+            runner.inference_times.clear()
+            for _ in range(iters):
+                runner.infer(feed)
+                tick()
+            if stage_profile is not None:
+                res.stages_ms = {s: t * 1e3 for s, t in stage_profile(runner).items()}
+            res.complete = True
+            mem = runner.device_memory_bytes()
+            res.device_mem_mb = None if mem is None else mem / 2**20
+    except KeyboardInterrupt:
+        res.note = "interrupted"  # the caller sees it, reports what was measured and stops
+    finally:
+        times = runner.inference_times
+        if times:
+            res.iters = len(times)
+            res.latency_ms = latency_summary(times)
+            res.episodes_per_s = b / float(np.mean(times))
+        peak = peak_rss_bytes()
+        res.peak_rss_mb = None if peak is None else peak / 2**20
+    return res
