@@ -33,6 +33,14 @@ def test_image_to_tensor_matches_numpy_normalisation_of_pil_bilinear_resize(phot
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-6)
 
 
+def test_image_to_tensor_is_bit_identical_to_torchvision_totensor_normalize(photo):
+    # torchvision's ToTensor + Normalize, transcribed: uint8 HWC -> CHW float32 / 255, then sub_ / div_.
+    arr = np.asarray(photo.resize((400, 400), Image.Resampling.BILINEAR))
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().float().div(255)
+    x.sub_(torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)).div_(torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1))
+    assert torch.equal(image_to_tensor(photo), x)
+
+
 def test_image_to_tensor_is_not_the_float_interpolate_path():
     # Downscaling is where PIL's antialiasing differs from F.interpolate on a float tensor.
     rng = np.random.default_rng(2)
@@ -68,6 +76,13 @@ def test_mask_to_tensor_matches_floor_index_nearest(shape):
 
     assert out.dtype == torch.float32 and out.shape == (400, 400)
     np.testing.assert_array_equal(out.numpy(), expected.astype(np.float32))
+    direct = F.interpolate(torch.from_numpy(labels).float()[None, None], size=(400, 400), mode="nearest")[0, 0]
+    assert torch.equal(out, direct)
+
+
+def test_mask_to_tensor_keeps_labels_and_other_sizes():
+    labels = np.array([[0, 255], [3, 7]], dtype=np.uint8)
+    assert mask_to_tensor(labels, size=4).tolist() == [[0, 0, 255, 255], [0, 0, 255, 255], [3, 3, 7, 7], [3, 3, 7, 7]]
 
 
 def test_mask_to_tensor_is_not_pil_nearest():

@@ -115,8 +115,9 @@ def load_episode(ep: Episode, size: int = IMG_SIZE) -> EpisodeTensors:
 
     return EpisodeTensors(
         query_img=image_to_tensor(load_image(ep.query_image), size),
-        support_imgs=torch.stack(s_imgs),
-        support_masks=torch.stack(s_masks),
+        # np.stack, not torch.stack: loader threads stay off torch's intra-op pool (see image_to_tensor)
+        support_imgs=torch.from_numpy(np.stack([t.numpy() for t in s_imgs])),
+        support_masks=torch.from_numpy(np.stack([t.numpy() for t in s_masks])),
         query_mask=torch.from_numpy(q_fg_s),
         query_ignore=torch.from_numpy(q_ign_s),
         query_mask_orig=torch.from_numpy(q_fg),
