@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hsnet_deploy.artifacts import check_output_path, write_json_atomic
 from hsnet_deploy.data.episodes import Episode, EpisodeSet, EpisodeTensors, load_episode
-from hsnet_deploy.data.metrics import IoUAccumulator
+from hsnet_deploy.data.metrics import IoUAccumulator, area_counts
 from hsnet_deploy.data.preprocess import IMG_SIZE
 from hsnet_deploy.errors import UserError
 
@@ -308,11 +308,15 @@ def evaluate(
                 out = np.asarray(predict_fn(item.query_img, item.support_imgs, item.support_masks))
                 infer_seconds += time.perf_counter() - t0
                 preds = _predictions(out, item, original_size, img_size)
-                for ep, t, pred in zip(item.episodes, item.tensors, preds):
-                    if original_size:
-                        acc.update(ep.class_id, pred, t.query_mask_orig.numpy(), t.query_ignore_orig.numpy())
-                    else:
-                        acc.update(ep.class_id, pred, t.query_mask.numpy(), t.query_ignore.numpy())
+                # Count the whole batch before adding any of it: the saved totals cover whole batches only.
+                counts = [
+                    area_counts(pred, t.query_mask_orig.numpy(), t.query_ignore_orig.numpy())
+                    if original_size
+                    else area_counts(pred, t.query_mask.numpy(), t.query_ignore.numpy())
+                    for t, pred in zip(item.tensors, preds)
+                ]
+                for ep, (inter, union) in zip(item.episodes, counts):
+                    acc.add(ep.class_id, inter, union)
                 previous, done = done, item.start + len(item.episodes)
                 bar.update(task, completed=done, miou=_fmt(acc))
                 if done // save_every > previous // save_every:
