@@ -27,7 +27,7 @@ from hsnet_deploy.errors import UserError
 DATASETS = ("fss", "pascal", "coco")
 NFOLDS = 4
 EVAL_EPISODES = 1000  # authors' DatasetPASCAL / DatasetCOCO __len__ outside training
-FSS_SHOTS_POOL = range(1, 11)  # authors' data/fss.py: supports are <n>.jpg, n in 1..10, whatever the folder holds
+FSS_SUPPORT_IDS = range(1, 11)  # authors' data/fss.py: supports are <n>.jpg, n in 1..10, whatever the folder holds
 FSS_SPLIT_OFFSET = {"trn": 0, "val": 520, "test": 760}  # authors' data/fss.py: class id = offset + sorted index
 
 # Display names only: the label value in the masks is the class index + 1.
@@ -210,7 +210,7 @@ def fss_episodes(
         raise UserError(f"--episodes {n}: FSS-1000 {split} has {len(queries)} query images")
 
     rng = np.random.RandomState(seed)
-    pool = [f"{k}.jpg" for k in FSS_SHOTS_POOL]
+    pool = [f"{k}.jpg" for k in FSS_SUPPORT_IDS]
     eps = []
     for idx, (cls, query) in enumerate(queries[:n]):
         supports = [query.parent / f for f in _draw_supports(rng, pool, query.name, shots)]
