@@ -116,6 +116,156 @@ def export(backbone, checkpoint, img_size, opset, seed, output, json_path):
               f"worst relative error {max(c.worst_rel() for c in report.checks):.1e}, {report.seconds:.0f}s")
 
 
+
+@cli.command("build-engine")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--fp16", "precision", flag_value="fp16", help="Mixed-precision FP16 variant behind the accuracy gate.")
+@click.option("--int8", "precision", flag_value="int8", help="INT8 Q/DQ variant calibrated on --calib-data, gated.")
+@click.option("--calib-data", type=click.Path(file_okay=False), help="Episodes for INT8 calibration and the gate.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime: the execution provider the model is optimised for.")
+@click.option("--max-batch", default=8, show_default=True, help="tensorrt: largest B in the optimisation profile.")
+@click.option("--max-shots", default=5, show_default=True, help="tensorrt: largest K in the optimisation profile.")
+@click.option("--opt-batch", default=1, show_default=True, help="tensorrt: B the kernels are tuned for.")
+@click.option("--opt-shots", default=1, show_default=True, help="tensorrt: K the kernels are tuned for.")
+@click.option("--workspace", default=4.0, show_default=True, help="tensorrt: builder workspace limit in GiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="tensorrt: timing cache reused across builds [default: <cache dir>/trt-timing.cache].")
+@click.option("--version-compatible", is_flag=True,
+              help="tensorrt: a plan that later TensorRT versions and the 44 MB lean runtime can run.")
+@click.option("--tf32", is_flag=True, help="tensorrt: allow TF32 (off by default for FP32 parity).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Engine or optimised model to write.")
+@click.pass_context
+def build_engine(ctx, model, backend, precision, calib_data, device, max_batch, max_shots, opt_batch, opt_shots,
+                 workspace, timing_cache, version_compatible, tf32, output):
+    """Compile an exported ONNX model for a backend.
+
+    \b
+    onnxruntime: ONNX Runtime's graph optimisations applied once and saved (with the metadata) as an
+                 ONNX model tied to this ONNX Runtime version and device.
+    tensorrt:    a strongly typed TensorRT plan (10.x / 11.x) with one optimisation profile over B and K;
+                 the plan file is unmodified (trtexec loads it), the metadata sits in OUTPUT.json.
+    """
+    from hsnet_deploy.artifacts import check_output_path
+    from hsnet_deploy.console import dumps, err, out
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+
+    precision = precision or "fp32"
+    check_output_path(output)
+    meta = read_onnx_meta(Path(model))
+    if meta.get("precision", "fp32") != "fp32":
+        raise UserError(f"{model}: is already a {meta['precision']} variant; build from the FP32 export")
+    if precision == "int8" and not calib_data:
+        raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
+    if precision != "fp32":
+        ctx.invoke(build_variant_cmd, **{k: v for k, v in ctx.params.items()})
+        return
+    if backend == "onnxruntime":
+        from hsnet_deploy.runtime.ort_build import build_ort_model
+
+        err.print(f"Optimising {model} with ONNX Runtime for {device} ...")
+        written = build_ort_model(model, output, device)
+        out.print(f"[green]Wrote {output}[/] (ONNX Runtime {written['ort_version']}, {device}, "
+                  f"{written['ort_optimization']} optimisations)")
+        return
+    from hsnet_deploy.runtime.trt_build import build_engine as trt_build_engine
+
+    cache = timing_cache or str(CACHE_DIR / "trt-timing.cache")
+    Path(cache).parent.mkdir(parents=True, exist_ok=True)
+    err.print(f"Building a TensorRT plan from {model} (B <= {max_batch}, K <= {max_shots}) ...")
+    sidecar = trt_build_engine(model, output, max_batch=max_batch, max_shots=max_shots, opt_batch=opt_batch,
+                               opt_shots=opt_shots, workspace_gib=workspace, timing_cache_path=cache,
+                               version_compatible=version_compatible, tf32=tf32)
+    out.print(f"[green]Wrote {output}[/] and {output}.json")
+    err.print(dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu_name", "compute_capability") if k in sidecar}))
+
+
+def build_variant_cmd(**params):
+    """Replaced when the precision variants are wired in (calibration package)."""
+    raise UserError("FP16 / INT8 variants are not available in this build")
+
+
+def default_artifact(img_size: int) -> Path:
+    """The embedded default: resnet50 with seeded weights, exported once into the cache directory."""
+    from hsnet_deploy.console import err
+    from hsnet_deploy.export import export_onnx
+    from hsnet_deploy.model import seeded_model
+
+    path = CACHE_DIR / f"default-resnet50-{img_size}-seed0.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_exporters()
+    err.print(f"Exporting the embedded default (resnet50, SEEDED RANDOM weights, {img_size}x{img_size}) "
+              f"to {path} once ...")
+    report = export_onnx(seeded_model("resnet50", 0), path, img_size, source={"weights": "seeded-random", "seed": 0},
+                         step=lambda m: err.print(f"  {m}"))
+    if not report.passed:
+        raise GateFailure("the default model failed its export verification")
+    return path
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--batch", "-b", default=1, show_default=True, help="Episodes per call (B).")
+@click.option("--shots", "-k", default=1, show_default=True, help="Support images per episode (K).")
+@click.option("--iters", "-n", default=20, show_default=True, help="Timed calls per runner.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed calls first (the first one is the cold call).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for every runner [default: all cores].")
+@click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
+@click.option("--img-size", default=400, show_default=True, help="Image size of the embedded default model.")
+@click.option("--stages/--no-stages", default=True, show_default=True, help="Per-stage time breakdown.")
+@click.option("--cuda-graph", is_flag=True, help="ONNX Runtime CUDA: capture the run in a CUDA graph.")
+@click.option("--json", "json_path", type=click.Path(), help="Write every figure as JSON too.")
+def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img_size, stages, cuda_graph, json_path):
+    """Latency, throughput, memory and per-stage time of each runner, against PyTorch eager in the same run.
+
+    With no ARTIFACT: the embedded default (resnet50, SEEDED RANDOM weights, exported on the fly into
+    the cache directory), PyTorch eager against every backend available on this machine. Ctrl-C stops
+    and prints what was measured so far.
+    """
+    from hsnet_deploy.console import dumps, err, out, progress_bar, table
+    from hsnet_deploy.runtime.suite import run_suite
+
+    if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
+        raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
+    paths = [Path(a) for a in artifacts] or [default_artifact(img_size)]
+    with progress_bar() as bar:
+        def on_start(runner, n):
+            task = bar.add_task(runner.info.label, total=n, status="")
+            return lambda: bar.advance(task)
+
+        suite = run_suite(paths, batch=batch, shots=shots, iters=iters, warmup=warmup, device=device,
+                          threads=threads, backbone=backbone, stages=stages, cuda_graph=cuda_graph,
+                          default=not artifacts, on_start=on_start)
+    rows = []
+    for r in suite.results:
+        lat = r.latency_ms or {}
+        mem = r.device_mem_mb if r.device_mem_mb is not None else r.peak_rss_mb
+        rows.append((f"{r.label}  {Path(r.artifact).name if r.artifact else ''}".strip(), lat.get("mean"),
+                     lat.get("p50"), lat.get("p90"), lat.get("p99"), lat.get("min"), r.cold_ms, r.episodes_per_s,
+                     mem, r.gflop_per_s, f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else None))
+    title = (f"bench: B={suite.batch} K={suite.shots} {suite.img_size}x{suite.img_size} {suite.backbone}, "
+             f"{suite.machine.get('cpu', '')}")
+    out.print(table(title, ["runner", "mean ms", "p50", "p90", "p99", "min", "cold ms", "episodes/s",
+                            "peak MB", "GFLOP/s", "vs eager"], rows))
+    stage_names = ["backbone", "correlation", "learner", "decoder", "other"]
+    stage_rows = [(r.label, *[r.stages_ms.get(s) for s in stage_names]) for r in suite.results if r.stages_ms]
+    if stage_rows:
+        out.print(table("per-stage time (ms per call, from each backend's profiler)", ["runner", *stage_names],
+                        stage_rows))
+    if suite.episode_gflop:
+        out.print(f"Episode cost {suite.episode_gflop:.1f} GFLOP (PyTorch FlopCounter); this machine's FP32 "
+                  f"matmul ran at {suite.matmul_gflop_per_s:.0f} GFLOP/s in the same run.")
+    for line in suite.notes + suite.skipped:
+        err.print(f"[dim]note: {line}[/]")
+    write_json(json_path, suite.to_dict())
+    if suite.interrupted:
+        err.print("[yellow]Interrupted: the figures above are what was measured before Ctrl-C.[/]")
+        sys.exit(130)
+
 def main() -> None:
     """Entry point: UserError -> `Error: ...` exit 2; failed gate -> exit 1; anything else -> exit 1, no traceback
     unless HSNET_DEPLOY_DEBUG is set."""

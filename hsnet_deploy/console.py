@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Not a terminal (CI logs, pipes): wide enough that the bench table does not fold its columns.
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def progress_bar(transient: bool = False) -> Progress:

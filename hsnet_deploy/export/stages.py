@@ -31,25 +31,32 @@ def _scoped_stage(node: onnx.NodeProto) -> str | None:
 
 
 def label_stages(proto: onnx.ModelProto, pyramid_outputs: tuple[str, ...], logits_output: str) -> dict[str, list[str]]:
-    """Stage -> names of its nodes, for the graph as exported (before any optimiser renames nodes)."""
-    pending_pyramid = set(pyramid_outputs)
-    logits_done = False
-    current = "backbone"
+    """Stage -> names of its nodes and of their first outputs, for the graph as exported.
+
+    Unscoped nodes (e.g. the bottlenecks' ReLUs, called outside a module's forward) take the stage of
+    the span they sit in: up to the last backbone node -> backbone; then until the pyramid is complete
+    -> correlation; until the first decoder node -> learner; until the logits -> decoder; then other.
+    """
+    nodes = list(proto.graph.node)
+    scoped = [_scoped_stage(n) for n in nodes]
+    last_backbone = max((i for i, st in enumerate(scoped) if st == "backbone"), default=-1)
+    pending = set(pyramid_outputs)
+    seen_decoder = logits_done = False
     groups: dict[str, list[str]] = {stage: [] for stage in STAGES}
-    for node in proto.graph.node:
-        stage = _scoped_stage(node)
+    for i, (node, stage) in enumerate(zip(nodes, scoped)):
+        seen_decoder = seen_decoder or stage == "decoder"
         if stage is None:
             if logits_done:
                 stage = "other"
-            elif pending_pyramid and current in ("backbone", "correlation"):
+            elif i <= last_backbone:
+                stage = "backbone"
+            elif pending:
                 stage = "correlation"
-            elif current == "decoder":
-                stage = "decoder"
             else:
-                stage = "learner"
-        else:
-            current = stage
-        pending_pyramid.difference_update(node.output)
+                stage = "decoder" if seen_decoder else "learner"
+        pending.difference_update(node.output)
         logits_done = logits_done or logits_output in node.output
         groups[stage].append(node.name)
+        # ONNX Runtime names some rewritten nodes after their output (`<output>_nchwc`): list those too.
+        groups[stage].extend(o for o in node.output[:1] if o and o != node.name)
     return groups

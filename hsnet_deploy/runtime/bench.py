@@ -110,3 +110,56 @@ def bench_runner(
         peak = peak_rss_bytes()
         res.peak_rss_mb = None if peak is None else peak / 2**20
     return res
+
+
+@dataclass
+class Suite:
+    """Everything one `bench` run measured, for the table and the JSON."""
+
+    batch: int
+    shots: int
+    img_size: int
+    backbone: str
+    machine: dict = field(default_factory=dict)
+    episode_gflop: float | None = None
+    matmul_gflop_per_s: float | None = None
+    results: list[BenchResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        return d
+
+
+def machine_info() -> dict:
+    import os
+    import platform
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def random_feed(batch: int, shots: int, img_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed random episode with filled-square support masks (timing does not depend on content)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((batch, shots, img_size, img_size), np.float32)
+    lo, hi = img_size // 4, 3 * img_size // 4
+    masks[..., lo:hi, lo:hi] = 1.0
+    return {
+        "query_img": rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32),
+        "support_imgs": rng.standard_normal((batch, shots, 3, img_size, img_size), dtype=np.float32),
+        "support_masks": masks,
+    }

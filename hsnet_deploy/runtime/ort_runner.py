@@ -127,7 +127,11 @@ class OrtRunner(Runner):
 
 
 def _fused_stage(node: str, stage_of: dict[str, str]) -> str:
-    """ORT renames fused nodes (e.g. `<conv>_fused_<relu>` or a `/...` suffix); match the longest known prefix."""
+    """ORT renames the nodes it rewrites (`<output>_nchwc`, `<node>_token_N`, ...): strip the known suffix,
+    else match the longest known prefix."""
+    for suffix in ("_nchwc",):
+        if node.endswith(suffix) and node[: -len(suffix)] in stage_of:
+            return stage_of[node[: -len(suffix)]]
     best = ""
     for name in stage_of:
         if node.startswith(name) and len(name) > len(best):
