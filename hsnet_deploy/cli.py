@@ -50,7 +50,7 @@ def load_model(backbone: str | None, checkpoint: str | None, seed: int):
     if checkpoint:
         model = load_checkpoint(checkpoint, backbone)
         return model, {"weights": "checkpoint", "checkpoint": Path(checkpoint).name,
-                       "checkpoint_sha256": sha256_file(checkpoint)}
+                       "checkpoint_format": model.source_format, "checkpoint_sha256": sha256_file(checkpoint)}
     if backbone is None:
         raise UserError("--backbone is required when no --checkpoint is given")
     err.print(f"[yellow]No --checkpoint: using SEEDED RANDOM weights (seed {seed}); the outputs are meaningless "
@@ -226,7 +226,7 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     the cache directory), PyTorch eager against every backend available on this machine. Ctrl-C stops
     and prints what was measured so far.
     """
-    from hsnet_deploy.console import dumps, err, out, progress_bar, table
+    from hsnet_deploy.console import err, out, progress_bar, table
     from hsnet_deploy.runtime.suite import run_suite
 
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
@@ -265,6 +265,134 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     if suite.interrupted:
         err.print("[yellow]Interrupted: the figures above are what was measured before Ctrl-C.[/]")
         sys.exit(130)
+
+
+# mIoU (1-shot, 5-shot) from the paper (Min et al., ICCV 2021), for artifacts made from the authors' weights.
+PAPER_MIOU = {
+    ("fss", "resnet50"): (85.5, 87.8), ("fss", "resnet101"): (86.5, 88.5), ("fss", "vgg16"): (82.3, 85.8),
+    ("pascal", "resnet50"): (64.0, 69.5), ("pascal", "resnet101"): (66.2, 70.4),
+    ("coco", "resnet50"): (39.2, 46.9), ("coco", "resnet101"): (41.2, 49.5),
+}
+
+
+def _open_runner(artifact, device, backbone, threads, img_size=None):
+    from hsnet_deploy.runtime.artifact import open_artifact
+
+    return open_artifact(artifact, device, backbone, img_size=img_size, threads=threads)
+
+
+def _artifact_origin(runner) -> tuple[str | None, bool]:
+    """(backbone, made from the authors' weights?) from the runner's model or metadata."""
+    model = getattr(runner, "model", None)
+    if model is not None:
+        return model.backbone_name, getattr(model, "source_format", "") == "authors"
+    meta = getattr(runner, "meta", {}) or {}
+    return meta.get("backbone"), meta.get("checkpoint_format") == "authors"
+
+
+@cli.command("eval")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--dataset", required=True, type=click.Choice(["fss", "pascal", "coco"]))
+@click.option("--data-root", required=True, type=click.Path(file_okay=False), help="The authors' --datapath layout.")
+@click.option("--splits", "splits_dir", type=click.Path(file_okay=False),
+              help="The authors' data/splits folder [default: DATA_ROOT/splits].")
+@click.option("--fold", default=0, show_default=True, type=click.IntRange(0, 3))
+@click.option("--shots", "-k", default=1, show_default=True, type=click.IntRange(1, 100))
+@click.option("--episodes", "-n", type=click.IntRange(1), help="Only the first N episodes of the protocol's sequence.")
+@click.option("--batch", "-b", default=1, show_default=True, type=click.IntRange(1), help="Episodes per call.")
+@click.option("--original-size", is_flag=True,
+              help="PASCAL/COCO: score at each query's own size (logits upsampled before the argmax).")
+@click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="CPU threads [default: all cores].")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False),
+              help="Partial totals, saved atomically as the run goes [default: <json or artifact>.eval-state.json].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its --state file.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON too.")
+def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, batch, original_size, backbone, device,
+             threads, state_path, resume, json_path):
+    """mIoU and FB-IoU on FSS-1000, PASCAL-5i or COCO-20i, exactly by the authors' protocol.
+
+    Episodes are sampled as the authors do (legacy NumPy RNG, seed 0); IoU sums intersections and unions
+    per class over the episodes, then divides (PASCAL's 255 border pixels ignored). Ctrl-C keeps the
+    partial totals; --resume continues to the same final numbers.
+    """
+    from hsnet_deploy.artifacts import sha256_file
+    from hsnet_deploy.console import err, out, table
+    from hsnet_deploy.data.datasets import build_episodes
+    from hsnet_deploy.data.evaluate import evaluate
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    runner = _open_runner(artifact, device, backbone, threads)
+    img_size = int(getattr(runner, "meta", {}).get("img_size", 400)) if hasattr(runner, "meta") else 400
+    eset = build_episodes(dataset, data_root, fold=fold, shots=shots, episodes=episodes, splits_dir=splits_dir)
+    state = state_path or f"{json_path or artifact}.eval-state.json"
+    info = runner.info
+    fingerprint = {"artifact_sha256": sha256_file(artifact), "backend": info.backend, "precision": info.precision}
+    output_name = "logits" if original_size else "mask"
+
+    def predict_fn(q, s, m):
+        return runner.infer({"query_img": q, "support_imgs": s, "support_masks": m})[output_name]
+
+    with runner:
+        result = evaluate(predict_fn, eset, batch=batch, img_size=img_size, original_size=original_size,
+                          state_path=state, resume=resume, fingerprint=fingerprint, console=err)
+    rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
+    out.print(table(f"{dataset} fold {fold}, {shots}-shot, {result.episodes} episodes ({info.label})",
+                    ["class", "IoU %"], rows))
+    backbone_name, authors = _artifact_origin(runner)
+    paper = PAPER_MIOU.get((dataset, backbone_name))
+    paper_text = ""
+    if paper and authors and shots in (1, 5):
+        paper_text = f"   (paper, {backbone_name} {shots}-shot: {paper[0 if shots == 1 else 1]})"
+    out.print(f"mIoU {result.miou:.2f}   FB-IoU {result.fb_iou:.2f}{paper_text}   "
+              f"{result.episodes / max(result.seconds, 1e-9):.2f} episodes/s")
+    for note in result.notes:
+        err.print(f"[dim]note: {note}[/]")
+    write_json(json_path, {**result.to_dict(), "runner": info.label, "artifact": str(artifact),
+                           "paper_miou": paper if authors else None})
+    Path(state).unlink(missing_ok=True)  # finished: nothing left to resume
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--query", required=True, type=click.Path(), help="A query image, or a folder of them.")
+@click.option("--support", "supports", multiple=True, nargs=2, type=click.Path(dir_okay=False),
+              metavar="IMAGE MASK", help="A support image and its mask; repeat for K shots.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Mask PNG (0/255, the query's size); a folder when --query is a folder.")
+@click.option("--overlay", "overlay_path", type=click.Path(), help="Also write the query with the mask drawn on it.")
+@click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="CPU threads [default: all cores].")
+@click.option("--json", "json_path", type=click.Path(), help="Write what was segmented as JSON too.")
+def predict(artifact, query, supports, output, overlay_path, backbone, device, threads, json_path):
+    """Segment in QUERY the object shown in the support images (K = number of --support pairs).
+
+    Masks may be palette PNGs, 0/1 or 0/255 grayscale (>= 128 is foreground). The supports are read and
+    preprocessed once for every query in a folder.
+    """
+    from hsnet_deploy import predict as predict_lib
+    from hsnet_deploy.console import err, out, progress_bar
+
+    queries = predict_lib.list_queries(query)
+    runner = _open_runner(artifact, device, backbone, threads)
+    img_size = int(runner.meta.get("img_size", 400)) if hasattr(runner, "meta") else 400
+    loaded = predict_lib.load_supports(list(supports), img_size)
+    for path in loaded.empty:
+        err.print(f"[yellow]Warning: {path}: the support mask is empty; that shot cannot show the object[/]")
+    mask_fn, overlay_fn = predict_lib.output_paths(output, overlay_path, queries, Path(query).is_dir())
+    with runner, progress_bar(transient=len(queries) == 1) as bar:
+        task = bar.add_task("predict", total=len(queries), status="")
+        records = predict_lib.predict(runner, queries, loaded, img_size, mask_fn, overlay_fn,
+                                      tick=lambda: bar.advance(task))
+    for r in records:
+        out.print(f"{r['query']} -> {r['mask']}  foreground {100 * r['foreground_fraction']:.1f}%"
+                  + (f", overlay {r['overlay']}" if "overlay" in r else ""))
+    write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "results": records})
 
 def main() -> None:
     """Entry point: UserError -> `Error: ...` exit 2; failed gate -> exit 1; anything else -> exit 1, no traceback

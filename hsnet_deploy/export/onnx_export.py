@@ -26,7 +26,11 @@ import torch
 from torch import nn
 
 from hsnet_deploy.artifacts import (
-    PREPROCESSING, atomic_path, check_output_path, meta_to_props, tool_versions,
+    PREPROCESSING,
+    atomic_path,
+    check_output_path,
+    meta_to_props,
+    tool_versions,
 )
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.export.stages import label_stages

@@ -114,6 +114,7 @@ def load_checkpoint(path: str | os.PathLike, backbone: str | None = None, mask_s
     model = HSNet(backbone, mask_support=True if mask_support is None else mask_support)
     check_state_dict(state, model, path)
     model.load_state_dict(state, strict=True)
+    model.source_format = "hsnet-deploy" if obj.get("format") == FORMAT else "authors"
     return model.eval()
 
 

@@ -14,7 +14,13 @@ from hsnet_deploy.model import seeded_model
 from hsnet_deploy.runtime.artifact import inspect_artifact, open_artifact
 from hsnet_deploy.runtime.base import Runner
 from hsnet_deploy.runtime.bench import (
-    BenchResult, Suite, bench_runner, episode_flops, machine_info, matmul_gflops, random_feed,
+    BenchResult,
+    Suite,
+    bench_runner,
+    episode_flops,
+    machine_info,
+    matmul_gflops,
+    random_feed,
 )
 from hsnet_deploy.runtime.ort_runner import OrtRunner, available_providers
 from hsnet_deploy.runtime.torch_runner import TorchRunner

@@ -1,0 +1,124 @@
+"""Segment a person's own images: supports read and preprocessed once, each query run through any runner,
+the mask written at the query's original size, plus an overlay a person can look at."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hsnet_deploy.artifacts import atomic_path
+from hsnet_deploy.data.preprocess import image_to_tensor, load_binary_mask, load_image, mask_to_tensor
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.runtime.base import Runner
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
+
+
+@dataclass
+class Supports:
+    images: np.ndarray  # (K, 3, S, S) float32, preprocessed once
+    masks: np.ndarray  # (K, S, S) float32 {0, 1}
+    empty: list[str]  # mask files with no foreground (the caller warns)
+
+
+def load_supports(pairs: list[tuple[str, str]], size: int) -> Supports:
+    """Read and preprocess the K (image, mask) pairs once; a mask must have its image's size."""
+    if not pairs:
+        raise UserError("at least one --support IMAGE MASK pair is needed")
+    images, masks, empty = [], [], []
+    for img_path, mask_path in pairs:
+        img = load_image(img_path)
+        mask = load_binary_mask(mask_path, require_foreground=False)
+        if mask.shape != (img.height, img.width):
+            raise UserError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path} is "
+                            f"{img.width}x{img.height}")
+        if not mask.any():
+            empty.append(str(mask_path))
+        images.append(image_to_tensor(img, size).numpy())
+        masks.append(mask_to_tensor(mask, size).numpy())
+    return Supports(np.stack(images), np.stack(masks), empty)
+
+
+def list_queries(query: str) -> list[Path]:
+    path = Path(query)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+        return found
+    if not path.is_file():
+        raise UserError(f"{path}: query image not found")
+    return [path]
+
+
+def mask_at_original_size(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(K, 2, S, S) logits -> (height, width) uint8 {0, 1}: bilinear (align_corners) upsampling of the
+    logits before the argmax, then the authors' K-shot vote (as their --use_original_imgsize)."""
+    up = F.interpolate(torch.from_numpy(logits), (height, width), mode="bilinear", align_corners=True)
+    votes = (up[:, 1] > up[:, 0]).sum(dim=0).float()
+    return (votes / votes.max().clamp(min=1) >= 0.5).to(torch.uint8).numpy()
+
+
+def overlay(img: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The query with its foreground tinted red and outlined, so a person can judge the mask at a glance."""
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    fg = mask.astype(bool)
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * OVERLAY_COLOUR
+    edge = fg ^ np.pad(fg, 1, mode="edge")[1:-1, 2:] | fg ^ np.pad(fg, 1, mode="edge")[2:, 1:-1]
+    rgb[edge] = OVERLAY_COLOUR
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def save_image(img: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=92)
+
+
+def predict(
+    runner: Runner,
+    queries: list[Path],
+    supports: Supports,
+    size: int,
+    mask_out: Callable[[Path], Path],
+    overlay_out: Callable[[Path], Path] | None = None,
+    tick: Callable[[], None] = lambda: None,
+) -> list[dict]:
+    """Run each query against the same supports; write its mask PNG (0/255) and optionally its overlay."""
+    feed_supports = {"support_imgs": supports.images[None], "support_masks": supports.masks[None]}
+    written = []
+    for query in queries:
+        img = load_image(query)
+        feed = {"query_img": image_to_tensor(img, size).numpy()[None], **feed_supports}
+        logits = runner.infer(feed)["logits"][0]
+        mask = mask_at_original_size(logits.astype(np.float32), img.height, img.width)
+        out = mask_out(query)
+        save_image(Image.fromarray(mask * 255), out)
+        record = {"query": str(query), "mask": str(out), "foreground_fraction": float(mask.mean()),
+                  "size": [img.width, img.height], "seconds": runner.inference_times[-1]}
+        if overlay_out is not None:
+            record["overlay"] = str(overlay_out(query))
+            save_image(overlay(img, mask), overlay_out(query))
+        written.append(record)
+        tick()
+    return written
+
+
+def output_paths(output: str, overlay_path: str | None, queries: list[Path], is_dir_query: bool):
+    """For one query: the given files. For a folder: OUTPUT and --overlay are folders, one file per query."""
+    if not is_dir_query:
+        return (lambda q: Path(output)), ((lambda q: Path(overlay_path)) if overlay_path else None)
+    for folder in filter(None, (output, overlay_path)):
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise UserError(f"{folder}: with --query DIR this must be a directory")
+        os.makedirs(folder, exist_ok=True)
+    mask_fn = lambda q: Path(output) / f"{q.stem}.png"
+    over_fn = (lambda q: Path(overlay_path) / f"{q.stem}.jpg") if overlay_path else None
+    return mask_fn, over_fn
