@@ -40,3 +40,46 @@ def random_episode(b: int, k: int, size: int, seed: int = 0, noise_masks: bool =
                 cy, cx, ry, rx = (torch.rand(4, generator=g) * torch.tensor([0.6, 0.6, 0.3, 0.3]) + 0.2) * size
                 m[i, j] = ((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1).float()
     return q, s, m
+
+
+EXPORT_SIZE = 64  # the smallest size every backbone takes quickly; export tracing dominates anyway
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """backbone -> (path, report, model) of a verified export at EXPORT_SIZE, made once per session."""
+    from hsnet_deploy.export import export_onnx
+    from hsnet_deploy.model import seeded_model
+
+    cache = {}
+
+    def get(backbone: str = "resnet50"):
+        if backbone not in cache:
+            model = seeded_model(backbone, 0)
+            path = tmp_path_factory.mktemp("onnx") / f"{backbone}.onnx"
+            report = export_onnx(model, path, EXPORT_SIZE, source={"weights": "seeded-random", "seed": 0})
+            cache[backbone] = (path, report, model)
+        return cache[backbone]
+
+    return get
+
+
+def run_cli(*args: str):
+    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from hsnet_deploy.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        old = sys.argv
+        sys.argv = ["hsnet-deploy", *args]
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = old
+    return code, out.getvalue(), err.getvalue()

@@ -1,0 +1,103 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import EXPORT_SIZE, random_episode
+from hsnet_deploy.artifacts import props_to_meta, stage_of_node
+from hsnet_deploy.export.verify import PYRAMID_NAMES, reference_outputs
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_every_conv_is_2d_and_no_custom_ops(exported, backbone):
+    path, report, _ = exported(backbone)
+    proto = onnx.load(str(path))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs
+    for node in convs:
+        weight = next(i for i in proto.graph.initializer if i.name == node.input[1])
+        assert len(weight.dims) == 4, f"{node.name} has a kernel of rank {len(weight.dims) - 2}"
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert not {"Loop", "If", "Scan", "Resize"} & {n.op_type for n in proto.graph.node}
+    onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+@pytest.mark.parametrize("b,k,noise", [(1, 1, False), (2, 3, True), (2, 1, False), (1, 3, True)])
+def test_onnx_runtime_equals_pytorch_for_dynamic_b_and_k(exported, backbone, b, k, noise):
+    path, _, model = exported(backbone)
+    q, s, m = random_episode(b, k, EXPORT_SIZE, seed=10 * b + k, noise_masks=noise)
+    got = dict(zip(["logits", "mask"], _session(path).run(None, {
+        "query_img": q.numpy(), "support_imgs": s.numpy(), "support_masks": m.numpy()})))
+    with torch.no_grad():
+        ref_logits, ref_mask = model(q, s, m)
+    assert got["logits"].shape == (b, k, 2, EXPORT_SIZE, EXPORT_SIZE)
+    assert np.abs(got["logits"] - ref_logits.numpy()).max() <= 1e-4 * np.abs(ref_logits.numpy()).max()
+    assert (got["mask"] == ref_mask.numpy()).mean() >= 0.999
+
+
+def test_verification_compares_the_pyramid_not_only_logits(exported):
+    _, report, _ = exported("resnet50")
+    assert report.passed
+    for check in report.checks:
+        assert {e.name for e in check.errors} == {"logits", *PYRAMID_NAMES}
+        assert check.worst_rel() <= 1e-4
+    assert {(c.batch, c.shots) for c in report.checks} >= {(2, 1), (2, 3)}
+    assert {c.masks for c in report.checks} == {"ellipses", "noise"}
+
+
+def test_verification_catches_a_wrong_c2(exported, monkeypatch):
+    """A graph whose C2 is off by 2% must fail the pyramid comparison even if logits barely move."""
+    import hsnet_deploy.export.verify as verify
+
+    path, _, model = exported("resnet50")
+    real = verify.reference_outputs
+
+    def skewed(m, inputs):
+        out = real(m, inputs)
+        out["corr_c2"] = out["corr_c2"] * 1.02
+        return out
+
+    monkeypatch.setattr(verify, "reference_outputs", skewed)
+    # The written model has no pyramid outputs; rebuild a verification graph by re-exporting would be slow,
+    # so check the comparison function on the tensors directly.
+    q, s, m = random_episode(1, 1, EXPORT_SIZE)
+    ref = real(model, (q, s, m))
+    errors = verify.compare(skewed(model, (q, s, m)), ref, ("logits", "corr_c2"))
+    by_name = {e.name: e.rel for e in errors}
+    assert by_name["logits"] == 0 and by_name["corr_c2"] > 1e-2
+
+
+def test_metadata_round_trips(exported):
+    path, _, _ = exported("resnet50")
+    meta = props_to_meta({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
+    assert meta["backbone"] == "resnet50" and meta["img_size"] == EXPORT_SIZE and meta["precision"] == "fp32"
+    assert meta["opset"] == 20 and meta["weights"] == "seeded-random" and meta["seed"] == 0
+    assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert "torch" in meta["versions"] and "onnx" in meta["versions"]
+    assert meta["verification"]["worst_rel"] <= 1e-4
+
+
+def test_stage_map_covers_the_graph_in_program_order(exported):
+    path, _, _ = exported("resnet50")
+    proto = onnx.load(str(path), load_external_data=False)
+    stage_of = stage_of_node(props_to_meta({p.key: p.value for p in proto.metadata_props}))
+    stages = [stage_of[n.name] for n in proto.graph.node]
+    convs = [stage_of[n.name] for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs.count("backbone") == 2 * 53  # resnet50 has 53 convs; query and support passes are traced apart
+    assert convs.count("learner") == 2 * 15 and convs.count("decoder") == 4
+    order = ["backbone", "correlation", "learner", "decoder", "other"]
+    firsts = [stages.index(s) for s in order]
+    assert firsts == sorted(firsts)
+    assert {stage_of[n.name] for n in proto.graph.node if n.op_type == "MatMul"} >= {"correlation"}
+
+
+def test_reference_outputs_expose_three_pyramid_levels(exported):
+    _, _, model = exported("resnet50")
+    out = reference_outputs(model, random_episode(1, 2, EXPORT_SIZE))
+    assert [out[n].shape[1] for n in PYRAMID_NAMES] == [3, 6, 4]
