@@ -3,8 +3,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import EXPORT_SIZE, random_episode
+
 from hsnet_deploy.artifacts import props_to_meta, stage_of_node
 from hsnet_deploy.export.verify import PYRAMID_NAMES, reference_outputs
 
@@ -53,7 +53,7 @@ def test_verification_compares_the_pyramid_not_only_logits(exported):
 
 def test_verification_catches_a_wrong_c2(exported, monkeypatch):
     """A graph whose C2 is off by 2% must fail the pyramid comparison even if logits barely move."""
-    import hsnet_deploy.export.verify as verify
+    from hsnet_deploy.export import verify
 
     path, _, model = exported("resnet50")
     real = verify.reference_outputs

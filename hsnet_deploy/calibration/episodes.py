@@ -1,0 +1,240 @@
+"""Calibration and gate episodes from a directory: a benchmark layout, or the simple layout below.
+
+Layouts, detected in this order:
+- FSS-1000 (`DIR/FSS-1000/<class>/<n>.jpg + <n>.png`), PASCAL-5i (`DIR/VOC2012/...`) or COCO-20i
+  (`DIR/COCO2014/...`), read by `hsnet_deploy.data.datasets` with the authors' splits (`DIR/splits`);
+- the simple layout, one folder per episode (sorted by name)::
+
+      CALIB_DIR/
+        <episode>/
+          query.jpg           the query image (.jpg .jpeg .png .bmp .webp)
+          query_mask.png      optional ground truth; with it the gate also reports mIoU
+          support1.jpg        one or more supports (support1, support2, ...), each with
+          support1_mask.png   its mask: 0/1, 0/255 grey or palette PNG, same size as its image
+
+Both sets are drawn from one seeded shuffle of the available episodes: calibration takes the first N,
+the gate the next M whose query image is not a calibration query, so the two share no episode and no
+query. The benchmark readers sample episodes exactly as the authors do; repeated queries (PASCAL's
+1,000 episodes cycle through a few hundred images) count once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hsnet_deploy.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BENCHMARK_DIRS = (("fss", "FSS-1000"), ("pascal", "VOC2012"), ("coco", "COCO2014"))
+MIN_CALIB_EPISODES = 1
+MIN_GATE_EPISODES = 1
+
+
+@dataclass(frozen=True)
+class CalibEpisode:
+    """Paths of one episode; `class_id` groups episodes for mIoU (the simple layout has one class, 0)."""
+
+    name: str
+    class_id: int
+    query_image: Path
+    query_mask: Path | None
+    support_images: tuple[Path, ...]
+    support_masks: tuple[Path, ...]
+    source: object = None  # the benchmark reader's Episode, loaded with its own label rules
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "class_id": self.class_id, "query": str(self.query_image),
+                "supports": [str(p) for p in self.support_images]}
+
+
+@dataclass
+class EpisodeSample:
+    """One episode as arrays (B = 1): the feed of the ONNX model, plus ground truth when there is one."""
+
+    name: str
+    class_id: int
+    feed: dict[str, np.ndarray]  # query_img (1,3,S,S), support_imgs (1,K,3,S,S), support_masks (1,K,S,S)
+    query_mask: np.ndarray | None  # (S, S) float32 {0,1}
+    ignore: np.ndarray | None  # (S, S) bool
+
+
+@dataclass
+class EpisodeSplit:
+    """The disjoint calibration and gate sets drawn from one directory."""
+
+    layout: str
+    root: Path
+    calib: list[CalibEpisode]
+    gate: list[CalibEpisode]
+    seed: int
+    available: int
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return bool(self.gate) and all(ep.query_mask is not None for ep in self.gate)
+
+    def class_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({ep.class_id for ep in self.gate}))
+
+    def info(self) -> dict:
+        """What the metadata records: enough to tell which data a variant was calibrated and gated on."""
+        digest = hashlib.sha256()
+        for ep in [*self.calib, *self.gate]:
+            digest.update(json.dumps(ep.to_dict(), sort_keys=True).encode())
+        return {"layout": self.layout, "root": str(self.root), "seed": self.seed, "available": self.available,
+                "calib_episodes": len(self.calib), "gate_episodes": len(self.gate),
+                "ground_truth": self.has_ground_truth, "sha256": digest.hexdigest()}
+
+
+def detect_layout(root: Path) -> str:
+    """'fss' | 'pascal' | 'coco' | 'simple', or a UserError naming what was expected."""
+    if not root.is_dir():
+        raise UserError(f"{root}: calibration directory not found")
+    for layout, name in BENCHMARK_DIRS:
+        if (root / name).is_dir() or root.name == name:
+            return layout
+    if any(_episode_dirs(root)):
+        return "simple"
+    raise UserError(
+        f"{root}: no calibration episodes; expected FSS-1000/, VOC2012/ or COCO2014/ (the benchmark layouts) "
+        "or one folder per episode holding query.jpg and support1.jpg + support1_mask.png"
+    )
+
+
+def _episode_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _find(p, "query"))
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        for cand in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def simple_episodes(root: Path) -> list[CalibEpisode]:
+    """The simple layout; a folder with a query but no complete support pair is an error, not skipped."""
+    episodes = []
+    for folder in _episode_dirs(root):
+        query = _find(folder, "query")
+        supports, masks = [], []
+        i = 1
+        while (img := _find(folder, f"support{i}")) is not None:
+            mask = _find(folder, f"support{i}_mask")
+            if mask is None:
+                raise UserError(f"{img}: support image without its mask {folder / f'support{i}_mask.png'}")
+            supports.append(img)
+            masks.append(mask)
+            i += 1
+        if not supports:
+            raise UserError(f"{folder}: episode without supports (expected support1.jpg and support1_mask.png)")
+        episodes.append(CalibEpisode(folder.name, 0, query, _find(folder, "query_mask"), tuple(supports), tuple(masks)))
+    return episodes
+
+
+def benchmark_episodes(layout: str, root: Path, fold: int, seed: int) -> list[CalibEpisode]:
+    """The authors' episode sequence of a benchmark (1-shot); K-shot gating is not what the variant changes."""
+    from hsnet_deploy.data.datasets import build_episodes
+
+    base = root.parent if root.name == dict(BENCHMARK_DIRS)[layout] else root
+    episode_set = build_episodes(layout, base, fold=fold, shots=1, seed=seed, check_files=True)
+    return [
+        CalibEpisode(f"{ep.class_name}/{ep.query_image.name}#{ep.index}", ep.class_id, ep.query_image, ep.query_mask,
+                     ep.support_images, ep.support_masks, ep)
+        for ep in episode_set.episodes
+    ]
+
+
+def split_episodes(
+    calib_dir: str | os.PathLike,
+    calib_episodes: int,
+    gate_episodes: int,
+    seed: int = 0,
+    fold: int = 0,
+) -> EpisodeSplit:
+    """Seeded, disjoint calibration and gate sets; too few episodes for both is a UserError."""
+    if calib_episodes < MIN_CALIB_EPISODES:
+        raise UserError(f"--calib-episodes {calib_episodes}: must be at least {MIN_CALIB_EPISODES}")
+    if gate_episodes < MIN_GATE_EPISODES:
+        raise UserError(f"--gate-episodes {gate_episodes}: must be at least {MIN_GATE_EPISODES}")
+    root = Path(calib_dir)
+    layout = detect_layout(root)
+    pool = simple_episodes(root) if layout == "simple" else benchmark_episodes(layout, root, fold, seed)
+    # One episode per query image: a repeated query in both sets would leak calibration into the gate.
+    unique: dict[Path, CalibEpisode] = {}
+    for ep in pool:
+        unique.setdefault(ep.query_image, ep)
+    pool = list(unique.values())
+    need = calib_episodes + gate_episodes
+    if len(pool) < need:
+        raise UserError(
+            f"{root}: {len(pool)} episodes with distinct queries, fewer than the {need} needed "
+            f"(--calib-episodes {calib_episodes} + --gate-episodes {gate_episodes})"
+        )
+    order = np.random.RandomState(seed).permutation(len(pool))
+    chosen = [pool[i] for i in order[:need]]
+    split = EpisodeSplit(layout, root, chosen[:calib_episodes], chosen[calib_episodes:], seed, len(pool))
+    for ep in [*split.calib, *split.gate]:
+        check_episode_files(ep)
+    return split
+
+
+def check_episode_files(ep: CalibEpisode) -> None:
+    """Every mask must be its image's size: a mismatch means a wrong pairing, not something to resize away."""
+    from PIL import Image
+
+    pairs = [(ep.query_image, ep.query_mask), *zip(ep.support_images, ep.support_masks)]
+    for img, mask in pairs:
+        if mask is None:
+            continue
+        sizes = []
+        for path in (img, mask):
+            try:
+                with Image.open(path) as handle:  # reads the header only
+                    sizes.append(handle.size)
+            except FileNotFoundError:
+                raise UserError(f"{path}: file not found (episode {ep.name})") from None
+            except OSError as exc:
+                raise UserError(f"{path}: cannot read it as an image ({exc})") from None
+        if sizes[0] != sizes[1]:
+            raise UserError(
+                f"{mask}: mask is {sizes[1][0]}x{sizes[1][1]} but its image {img.name} is "
+                f"{sizes[0][0]}x{sizes[0][1]} (episode {ep.name})"
+            )
+
+
+def load_sample(ep: CalibEpisode, size: int) -> EpisodeSample:
+    """Decode and preprocess exactly as `eval` does (PIL bilinear images, legacy-nearest masks)."""
+    if ep.source is not None:
+        from hsnet_deploy.data.episodes import load_episode
+
+        t = load_episode(ep.source, size)
+        feed = {"query_img": t.query_img[None].numpy(), "support_imgs": t.support_imgs[None].numpy(),
+                "support_masks": t.support_masks[None].numpy()}
+        return EpisodeSample(ep.name, ep.class_id, feed, t.query_mask.numpy(), t.query_ignore.numpy())
+
+    from hsnet_deploy.data.preprocess import image_to_tensor, load_binary_mask, load_image, mask_to_tensor
+
+    s_imgs = np.stack([image_to_tensor(load_image(p), size).numpy() for p in ep.support_images])
+    s_masks = np.stack([mask_to_tensor(load_binary_mask(p), size).numpy() for p in ep.support_masks])
+    q_mask = None
+    if ep.query_mask is not None:
+        q_mask = mask_to_tensor(load_binary_mask(ep.query_mask, require_foreground=False), size).numpy()
+    feed = {"query_img": image_to_tensor(load_image(ep.query_image), size).numpy()[None],
+            "support_imgs": s_imgs[None], "support_masks": s_masks[None]}
+    return EpisodeSample(ep.name, ep.class_id, feed, q_mask, None)
+
+
+def one_shot_feeds(sample: EpisodeSample) -> list[dict[str, np.ndarray]]:
+    """Each support of an episode as its own 1-shot feed: K-shot runs every shot through the same network,
+    so calibrating on 1-shot feeds covers K-shot inference, and fixed shapes keep calibrators simple."""
+    feed = sample.feed
+    return [{"query_img": feed["query_img"], "support_imgs": feed["support_imgs"][:, i : i + 1],
+             "support_masks": feed["support_masks"][:, i : i + 1]} for i in range(feed["support_imgs"].shape[1])]

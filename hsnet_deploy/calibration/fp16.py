@@ -1,0 +1,127 @@
+"""FP16: a mixed-precision ONNX model made with ModelOpt AutoCast, with named parts kept in FP32.
+
+AutoCast is NVIDIA's documented path to strongly typed FP16 for TensorRT (no builder flags in
+TensorRT 11): it rewrites initializers and inserts the Casts at FP16/FP32 boundaries so that every
+tensor has one type. onnxconverter-common's `float16` was the alternative; it leaves Cast nodes whose
+input is already the target type, which TensorRT 11's strongly typed parser rejects.
+
+What stays FP32 (groups of `KEEP_FP32`, all on by default; measured with benchmarks/precision.py):
+- `mask`: the support-mask resize MatMuls and the Muls that apply the masks. A mask residue of 6e-11
+  decides whether a support position counts at all (the correlation L2-normalises it away), and FP16
+  flushes anything below 6e-8 to 0. Measured: with only this group in FP16, positions at the mask
+  border drop out and the correlation of masked supports changes, not just rounds.
+- `l2norm`: ReduceL2 + Add(eps) + Div of the correlation. The sum of squares over up to 2048 pre-ReLU
+  channels reaches ~1e5 on resnet50's layer4 (measured max over episodes, see README), beyond FP16's 65504:
+  the norm becomes inf and the correlation 0.
+- `groupnorm`: the two-stage GroupNorm of the learner. Its variance averages ~1.7M squared values at
+  400x400; in FP16 the mean of squares loses the digits that the normalisation divides by.
+The K-shot vote and the graph inputs/outputs stay FP32 too (keep_io_types): the contract's dtypes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import onnx
+
+from hsnet_deploy.calibration.graph import mask_path_nodes
+
+KEEP_FP32 = {
+    "mask": "support-mask resize and masking: residues down to 6e-11 decide which support positions count; "
+            "FP16 flushes values below 6e-8 to zero",
+    "l2norm": "correlation L2 normalisation: sums of squares over up to 2048 channels exceed FP16's 65504",
+    "groupnorm": "learner GroupNorm: variance over ~1.7M values per group loses precision in FP16",
+    "vote": "K-shot vote and outputs: the contract's float32 logits and {0,1} mask",
+}
+
+
+def _hierarchy(node: onnx.NodeProto) -> str:
+    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.class_hierarchy"), "")
+
+
+def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Each ReduceL2 and the Add (norm + eps) and Div (v / norm) that consume it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names = []
+    for node in proto.graph.node:
+        if node.op_type != "ReduceL2":
+            continue
+        names.append(node.name)
+        for add in consumers.get(node.output[0], []):
+            names.append(add.name)
+            names.extend(div.name for div in consumers.get(add.output[0], []) if div.op_type == "Div")
+    return names
+
+
+def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Nodes the exporter attributes to GroupNorm6d (its module scope, recorded per node)."""
+    return [n.name for n in proto.graph.node if "GroupNorm6d" in _hierarchy(n) and n.op_type != "Reshape"]
+
+
+def vote_nodes(proto: onnx.ModelProto) -> list[str]:
+    from hsnet_deploy.calibration.graph import node_stages
+
+    stages = node_stages(proto)
+    return [n.name for n in proto.graph.node if stages.get(n.name) == "other"]
+
+
+GROUP_FINDERS = {"mask": mask_path_nodes, "l2norm": l2norm_nodes, "groupnorm": groupnorm_nodes, "vote": vote_nodes}
+
+
+def fp32_nodes(proto: onnx.ModelProto, keep: tuple[str, ...] = tuple(KEEP_FP32)) -> dict[str, list[str]]:
+    """Group -> node names to keep in FP32."""
+    unknown = set(keep) - set(GROUP_FINDERS)
+    if unknown:
+        raise ValueError(f"unknown FP32 groups {sorted(unknown)}; expected some of {sorted(GROUP_FINDERS)}")
+    return {group: GROUP_FINDERS[group](proto) for group in keep}
+
+
+def convert_fp16(src_path: str, keep: tuple[str, ...] = tuple(KEEP_FP32)) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """The FP16 model (inputs and outputs float32) and the nodes kept in FP32, by group.
+
+    AutoCast's own data-range rules are switched off (data_max = inf): what stays FP32 is exactly the
+    named groups, so the variant does not depend on which random data AutoCast would have drawn.
+    """
+    import logging
+
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    proto = onnx.load(src_path, load_external_data=False)
+    kept = fp32_nodes(proto, keep)
+    names = [n for group in kept.values() for n in group]
+    patterns = [f"^{re.escape(n)}$" for n in names]
+    logging.getLogger("modelopt").setLevel(logging.ERROR)
+    converted = convert_to_mixed_precision(
+        src_path, low_precision_type="fp16", nodes_to_exclude=patterns or None, keep_io_types=True,
+        data_max=float("inf"), init_max=65504.0, opset=max(_opset(proto), 19),
+    )
+    clean_value_info(converted)
+    check_strongly_typed(converted)
+    return converted, kept
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 20)
+
+
+def clean_value_info(proto: onnx.ModelProto) -> None:
+    """Drop intermediate value_info: AutoCast 0.47 writes dim_param="unk" there, and ONNX Runtime then
+    refuses shapes that disagree with the real ones. Types of graph inputs/outputs stay declared."""
+    del proto.graph.value_info[:]
+
+
+def check_strongly_typed(proto: onnx.ModelProto) -> None:
+    """No Cast whose input already has the target type (TensorRT 11's strongly typed parser rejects them),
+    and every tensor's type inferable: what a strongly typed network needs."""
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    for node in inferred.graph.node:
+        if node.op_type == "Cast":
+            to = next(a.i for a in node.attribute if a.name == "to")
+            if types.get(node.input[0]) == to:
+                raise RuntimeError(f"Cast {node.name} casts {node.input[0]} to its own type")

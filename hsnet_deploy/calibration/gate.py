@@ -1,0 +1,216 @@
+"""The accuracy gate: a precision variant against the FP32 model on held-out episodes.
+
+Measures, per episode:
+- mask agreement: IoU of the variant's foreground with the FP32 foreground (1 when both are empty);
+- sign agreement: the share of pixels where the foreground-minus-background margin keeps its sign,
+  each pixel weighted by the FP32 margin's magnitude. It works without trained weights (a seeded model
+  predicts all background, making mask IoU trivially 1) and ignores flips at near-zero margins, which
+  any rounding can cause and no user would see as a different segmentation;
+- logit error: max |variant - FP32| / max |FP32| over the episode's logits (as `export`'s verification);
+and, when the episodes have ground truth, mIoU of both models with the authors' metric.
+
+Defaults (measured with benchmarks/precision.py, see README): a correct variant scores >= 0.97 mean
+mask agreement and >= 0.99 sign agreement on the balanced seeded model; a broken calibration scores
+far below (< 0.7).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from hsnet_deploy.calibration.episodes import EpisodeSample
+from hsnet_deploy.errors import GateFailure
+
+
+@dataclass
+class GateThresholds:
+    """A variant passes when every threshold holds; None switches a check off."""
+
+    min_mean_agreement: float | None = 0.95
+    min_worst_agreement: float | None = None
+    min_sign_agreement: float | None = 0.98
+    max_logit_error: float | None = None
+    max_miou_drop: float | None = 1.0  # points of mIoU (0..100), only where ground truth exists
+
+
+@dataclass
+class EpisodeGate:
+    name: str
+    agreement: float  # IoU against the FP32 mask
+    sign_agreement: float
+    logit_error: float
+    fp32_foreground: float  # share of FP32 foreground pixels, to tell trivial masks apart
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class GateReport:
+    precision: str
+    thresholds: GateThresholds
+    episodes: list[EpisodeGate] = field(default_factory=list)
+    miou_fp32: float | None = None
+    miou_variant: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_agreement(self) -> float:
+        return float(np.mean([e.agreement for e in self.episodes])) if self.episodes else 0.0
+
+    @property
+    def worst_agreement(self) -> float:
+        return float(min(e.agreement for e in self.episodes)) if self.episodes else 0.0
+
+    @property
+    def sign_agreement(self) -> float:
+        return float(np.mean([e.sign_agreement for e in self.episodes])) if self.episodes else 0.0
+
+    @property
+    def logit_error(self) -> float:
+        return float(max(e.logit_error for e in self.episodes)) if self.episodes else float("inf")
+
+    @property
+    def miou_drop(self) -> float | None:
+        if self.miou_fp32 is None or self.miou_variant is None:
+            return None
+        return self.miou_fp32 - self.miou_variant
+
+    def failures(self) -> list[str]:
+        """One line per threshold that does not hold; empty when the variant passes."""
+        t = self.thresholds
+        fails = []
+        if not self.episodes:
+            fails.append("no gate episodes were run")
+        checks = (
+            ("mean mask agreement", self.mean_agreement, t.min_mean_agreement, ">="),
+            ("worst mask agreement", self.worst_agreement, t.min_worst_agreement, ">="),
+            ("sign agreement", self.sign_agreement, t.min_sign_agreement, ">="),
+            ("logit error", self.logit_error, t.max_logit_error, "<="),
+            ("mIoU drop", self.miou_drop, t.max_miou_drop, "<="),
+        )
+        for name, value, limit, op in checks:
+            if limit is None or value is None:
+                continue
+            ok = value >= limit if op == ">=" else value <= limit
+            if not ok:
+                fails.append(f"{name} {value:.4f} (needs {op} {limit})")
+        return fails
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def summary(self) -> dict:
+        return {"mean_agreement": round(self.mean_agreement, 6), "worst_agreement": round(self.worst_agreement, 6),
+                "sign_agreement": round(self.sign_agreement, 6), "logit_error": round(self.logit_error, 6),
+                "miou_fp32": self.miou_fp32, "miou_variant": self.miou_variant, "miou_drop": self.miou_drop}
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "passed": self.passed, "failures": self.failures(),
+                "thresholds": asdict(self.thresholds), **self.summary(), "notes": self.notes,
+                "episodes": [e.to_dict() for e in self.episodes]}
+
+    def raise_if_failed(self, what: str) -> None:
+        if not self.passed:
+            raise GateFailure(f"{what} failed the accuracy gate: {'; '.join(self.failures())}; nothing was written")
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two {0,1} masks; two empty masks agree fully."""
+    a, b = a >= 0.5, b >= 0.5
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+
+
+def sign_agreement(ref_logits: np.ndarray, var_logits: np.ndarray) -> float:
+    """Margin-weighted share of pixels whose foreground-vs-background decision is unchanged.
+
+    logits (..., 2, H, W). Weight = |FP32 margin|, so a flip costs in proportion to how sure FP32 was.
+    """
+    ref = (ref_logits[..., 1, :, :] - ref_logits[..., 0, :, :]).astype(np.float64)
+    var = (var_logits[..., 1, :, :] - var_logits[..., 0, :, :]).astype(np.float64)
+    weight = np.abs(ref)
+    total = weight.sum()
+    if total == 0:
+        return 1.0
+    return float(weight[(ref > 0) == (var > 0)].sum() / total)
+
+
+def compare_outputs(name: str, ref: dict[str, np.ndarray], var: dict[str, np.ndarray]) -> EpisodeGate:
+    if var["mask"].shape != ref["mask"].shape or var["mask"].dtype != ref["mask"].dtype:
+        raise RuntimeError(f"variant mask {var['mask'].dtype}{var['mask'].shape} differs from FP32's "
+                           f"{ref['mask'].dtype}{ref['mask'].shape}")
+    ref_logits = ref["logits"].astype(np.float32)
+    var_logits = var["logits"].astype(np.float32)
+    scale = float(np.abs(ref_logits).max()) or 1.0
+    return EpisodeGate(
+        name=name,
+        agreement=float(mask_iou(var["mask"], ref["mask"])),
+        sign_agreement=sign_agreement(ref_logits, var_logits),
+        logit_error=float(np.abs(var_logits - ref_logits).max() / scale),
+        fp32_foreground=float(np.mean(ref["mask"] >= 0.5)),
+    )
+
+
+def run_gate(
+    fp32_path: str | os.PathLike,
+    variant_path: str | os.PathLike,
+    samples: list[EpisodeSample],
+    precision: str,
+    thresholds: GateThresholds | None = None,
+    class_ids: tuple[int, ...] | None = None,
+    threads: int | None = None,
+    on_episode: Callable[[EpisodeGate], None] | None = None,
+    reference: list[dict[str, np.ndarray]] | None = None,
+) -> GateReport:
+    """Run both models in ONNX Runtime (the FP32 export is verified against PyTorch to ~1e-6) and compare.
+
+    `reference`: FP32 outputs already computed for `samples`, so several variants gate against one run.
+    """
+    from hsnet_deploy.data.metrics import IoUAccumulator
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+    from hsnet_deploy.runtime.ort_runner import OrtRunner
+
+    report = GateReport(precision, thresholds or GateThresholds())
+    if reference is None:
+        reference = fp32_outputs(fp32_path, samples, threads)
+    has_gt = bool(samples) and all(s.query_mask is not None for s in samples)
+    ids = class_ids or tuple(sorted({s.class_id for s in samples}))
+    acc_ref, acc_var = IoUAccumulator(ids), IoUAccumulator(ids)
+    from pathlib import Path
+
+    with OrtRunner(str(variant_path), read_onnx_meta(Path(variant_path)), "cpu", threads) as runner:
+        for sample, ref in zip(samples, reference):
+            var = runner.infer(sample.feed)
+            ep = compare_outputs(sample.name, ref, var)
+            report.episodes.append(ep)
+            if has_gt:
+                acc_ref.update(sample.class_id, ref["mask"][0], sample.query_mask, sample.ignore)
+                acc_var.update(sample.class_id, var["mask"][0], sample.query_mask, sample.ignore)
+            if on_episode:
+                on_episode(ep)
+    if has_gt:
+        report.miou_fp32, report.miou_variant = round(acc_ref.miou, 4), round(acc_var.miou, 4)
+    else:
+        report.notes.append("episodes without ground truth: mIoU not measured, the gate uses agreement with FP32")
+    fg = np.mean([e.fp32_foreground for e in report.episodes]) if report.episodes else 0.0
+    if fg < 0.01:
+        report.notes.append(f"FP32 masks are {fg:.1%} foreground: mask agreement is near-trivial here, "
+                            "sign agreement and logit error carry the comparison")
+    return report
+
+
+def fp32_outputs(fp32_path: str | os.PathLike, samples: list[EpisodeSample],
+                 threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    from pathlib import Path
+
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+    from hsnet_deploy.runtime.ort_runner import OrtRunner
+
+    with OrtRunner(str(fp32_path), read_onnx_meta(Path(fp32_path)), "cpu", threads) as runner:
+        return [runner.infer(s.feed) for s in samples]

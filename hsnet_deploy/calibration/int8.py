@@ -1,0 +1,192 @@
+"""INT8: explicit QuantizeLinear/DequantizeLinear on the weighted ops of the chosen stages, calibrated
+on episodes. One scheme per backend, because the fast one differs:
+
+- `tensorrt`: ModelOpt's `modelopt.onnx.quantization` (NVIDIA's path for strongly typed TensorRT):
+  symmetric int8 activations and weights, zero-points 0, Q/DQ only on the inputs of the weighted ops,
+  which is what TensorRT fuses into int8 kernels. The rest of the graph stays FP32.
+- `onnxruntime`: onnxruntime's `quantize_static` in QDQ format with uint8 asymmetric activations and
+  per-channel symmetric int8 weights: ONNX Runtime's x86 kernels (QLinearConv, QLinearMatMul) are
+  u8s8 (VNNI); with symmetric int8 activations the same placement ran slower than FP32 (measured).
+
+Both start from the FP32 export with BatchNorm folded into the Convs (graph.fold_batchnorm), so each
+quantised Conv is followed directly by its ReLU. Stages to quantise are a user's choice
+(`DEFAULT_STAGES` were measured with benchmarks/precision.py); the support-mask resize and the learner's
+and decoder's resize MatMuls are never quantised (see graph.weighted_nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from hsnet_deploy.calibration.graph import STAGES, fold_batchnorm, weighted_nodes
+from hsnet_deploy.errors import UserError
+
+DEFAULT_STAGES = {
+    "onnxruntime": ("backbone", "correlation", "learner", "decoder"),
+    "tensorrt": ("backbone", "correlation", "learner", "decoder"),
+}
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
+                "QGemm", "DynamicQuantizeMatMul", "FusedConv", "NhwcQLinearConv")
+
+
+def check_stages(stages: Iterable[str]) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(stages))
+    bad = [s for s in chosen if s not in STAGES]
+    if bad or not chosen:
+        raise UserError(f"--quantize {','.join(chosen) or '(empty)'}: expected one or more of {', '.join(STAGES)}")
+    return chosen
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over prepared feeds, with a callback."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], on_feed: Callable[[], None] | None = None) -> None:
+        self.feeds = feeds
+        self.on_feed = on_feed
+        self.pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= len(self.feeds):
+            return None
+        if self.on_feed and self.pos:
+            self.on_feed()
+        self.pos += 1
+        return self.feeds[self.pos - 1]
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def prepare(src_path: str | os.PathLike, work: Path) -> tuple[Path, onnx.ModelProto]:
+    """The FP32 model with BatchNorm folded, written to `work` (quantisers read files)."""
+    proto = onnx.load(str(src_path))
+    fold_batchnorm(proto)
+    path = work / "folded.onnx"
+    onnx.save(proto, str(path))
+    return path, proto
+
+
+def quantize_onnxruntime(
+    src_path: str | os.PathLike,
+    feeds: list[dict[str, np.ndarray]],
+    stages: Iterable[str],
+    method: str = "minmax",
+    on_feed: Callable[[], None] | None = None,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """uint8-activation QDQ model for ONNX Runtime's CPU kernels; returns it and the quantised nodes."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's "run pre-processing" hint
+    with tempfile.TemporaryDirectory(prefix="hsnet-int8-") as tmp:
+        folded, proto = prepare(src_path, Path(tmp))
+        nodes = weighted_nodes(proto, set(stages))
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(folded), str(out), _Reader(feeds, on_feed), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv", "MatMul"], nodes_to_quantize=nodes, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+        return onnx.load(str(out)), nodes
+
+
+def quantize_tensorrt(
+    src_path: str | os.PathLike,
+    feeds: list[dict[str, np.ndarray]],
+    stages: Iterable[str],
+    method: str = "minmax",
+    on_feed: Callable[[], None] | None = None,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Symmetric int8 Q/DQ (zero-point 0) on weighted-op inputs, by ModelOpt, for TensorRT."""
+    import re
+
+    from modelopt.onnx.quantization import quantize
+
+    methods = {"minmax": "max", "entropy": "entropy", "percentile": "max"}
+    with tempfile.TemporaryDirectory(prefix="hsnet-int8-") as tmp:
+        folded, proto = prepare(src_path, Path(tmp))
+        nodes = weighted_nodes(proto, set(stages))
+        out = Path(tmp) / "int8.onnx"
+        quantize(
+            str(folded), quantize_mode="int8", calibration_data_reader=_Reader(feeds, on_feed),
+            calibration_method=methods[method], calibration_eps=["cpu"],
+            op_types_to_quantize=["Conv", "MatMul"], nodes_to_quantize=[f"^{re.escape(n)}$" for n in nodes],
+            high_precision_dtype="fp32", use_zero_point=False, output_path=str(out), log_level="ERROR",
+        )
+        return onnx.load(str(out)), nodes
+
+
+def qdq_summary(proto: onnx.ModelProto) -> dict:
+    """Which ops take Q/DQ inputs, the integer types used, and whether every zero-point is 0."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    inits = {i.name: i for i in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+    quantised, zero_points, types = Counter(), [], set()
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            zp = _const(node.input[2], inits, consts)
+            if zp is not None:
+                zero_points.append(zp)
+                types.add(str(zp.dtype))
+        if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            continue
+        if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            quantised[node.op_type] += 1
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            types.add(str(numpy_helper.to_array(inits[node.input[0]]).dtype))
+    return {"quantised_ops": dict(quantised), "int_types": sorted(types),
+            "zero_points_all_zero": all(not np.any(z) for z in zero_points),
+            "qdq_nodes": sum(1 for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))}
+
+
+def _const(name: str, inits: dict, consts: dict) -> np.ndarray | None:
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    if name in consts:
+        return numpy_helper.to_array(consts[name].attribute[0].t)
+    return None
+
+
+def quantised_inputs(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that consume a DequantizeLinear output: where the Q/DQ pairs actually sit."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    return [n.name for n in proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
+
+
+def ort_int8_kernels(model_path: str | os.PathLike, threads: int | None = None) -> dict[str, int]:
+    """Op counts of ONNX Runtime's optimised graph for the CPU: proof that Q/DQ became int8 kernels.
+
+    ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (and MatMul into QLinearMatMul / MatMulInteger);
+    DequantizeLinear nodes left over mark where the graph goes back to float.
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="hsnet-ortopt-") as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        if threads:
+            opts.intra_op_num_threads = threads
+        ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        optimised = onnx.load(str(Path(tmp) / "opt.onnx"))
+    counts = Counter(n.op_type for n in optimised.graph.node)
+    keep = (*INT8_KERNELS, "QuantizeLinear", "DequantizeLinear", "Conv", "MatMul")
+    return {op: counts[op] for op in keep if counts.get(op)}

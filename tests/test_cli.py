@@ -1,0 +1,167 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXPORT_SIZE, run_cli
+from PIL import Image
+from synthetic_datasets import make_fss
+
+
+def test_version_and_help():
+    code, out, _ = run_cli("--version")
+    assert code == 0 and "hsnet-deploy, version" in out
+    for command in ("export", "build-engine", "bench", "eval", "predict"):
+        code, out, _ = run_cli(command, "--help")
+        assert code == 0 and "Usage:" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backbone", "resnet18", "-o", "x.onnx"], "Invalid value for '--backbone'"),
+    (["--backbone", "vgg16", "--img-size", "520", "-o", "x.onnx"], "image height 520: vgg16 cannot take it"),
+    (["--backbone", "resnet50", "--checkpoint", "missing.pt", "-o", "x.onnx"], "missing.pt: checkpoint file not found"),
+    (["--backbone", "resnet50", "--opset", "13", "--img-size", "64", "-o", "x.onnx"], "--opset 13"),
+])
+def test_export_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("export", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_a_directory_or_unwritable_output(tmp_path):
+    code, _, err = run_cli("export", "--backbone", "resnet50", "-o", str(tmp_path))
+    assert code == 2 and "is a directory" in err
+    code, _, err = run_cli("export", "--backbone", "resnet50", "-o", str(tmp_path / "no" / "x.onnx"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_export_rejects_a_file_that_is_no_checkpoint(tmp_path):
+    bad = tmp_path / "best_model.pt"
+    bad.write_text("hello")
+    code, _, err = run_cli("export", "--backbone", "resnet50", "--checkpoint", str(bad), "-o", str(tmp_path / "m.onnx"))
+    assert code == 2 and "best_model.pt: not a readable PyTorch checkpoint" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_interrupted_export_write_leaves_no_file(tmp_path, monkeypatch):
+    from hsnet_deploy.export import onnx_export
+    from hsnet_deploy.model import seeded_model
+
+    real_save = onnx.save
+
+    def save_then_interrupt(proto, path, *a, **k):
+        real_save(proto, path, *a, **k)
+        if str(path).endswith(".tmp"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export.onnx, "save", save_then_interrupt)
+    target = tmp_path / "m.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(seeded_model("resnet50"), target, EXPORT_SIZE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_writes_a_verified_model(tmp_path):
+    target = tmp_path / "m.onnx"
+    report = tmp_path / "report.json"
+    code, out, err = run_cli("export", "--backbone", "resnet50", "--img-size", str(EXPORT_SIZE), "-o", str(target),
+                             "--json", str(report))
+    assert code == 0, err
+    assert "SEEDED RANDOM" in err and "Wrote" in out and "corr_c2" in out
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["op_counts"]["Conv"] == 140
+    assert target.stat().st_size == data["file_bytes"]
+
+
+def test_build_engine_onnxruntime(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    code, out, err = run_cli("build-engine", str(path), "--backend", "onnxruntime", "-o", str(tmp_path / "o.onnx"))
+    assert code == 0, err and (tmp_path / "o.onnx").exists()
+    code, _, err = run_cli("build-engine", str(path), "--int8", "-o", str(tmp_path / "q.onnx"))
+    assert code == 2 and "--int8 needs --calib-data" in err
+
+
+def test_build_engine_tensorrt_says_what_to_install(exported, tmp_path):
+    pytest.importorskip("pytest")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("reason: TensorRT is installed here; the missing-package message cannot be shown")
+    except ImportError:
+        pass
+    path, _, _ = exported("resnet50")
+    code, _, err = run_cli("build-engine", str(path), "--backend", "tensorrt", "-o", str(tmp_path / "m.plan"))
+    assert code == 2 and "pip install" in err and not (tmp_path / "m.plan").exists()
+
+
+def _write_pair(tmp_path, name, size=(48, 40), box=(10, 8, 30, 28), mask_size=None):
+    rng = np.random.default_rng(len(name))
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    mask = np.zeros((mask_size or size)[::-1], np.uint8)
+    if box:
+        mask[box[1]:box[3], box[0]:box[2]] = 255
+    img.save(tmp_path / f"{name}.jpg")
+    Image.fromarray(mask).save(tmp_path / f"{name}.png")
+    return str(tmp_path / f"{name}.jpg"), str(tmp_path / f"{name}.png")
+
+
+def test_predict_writes_mask_at_query_size_and_an_overlay(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    query, _ = _write_pair(tmp_path, "query", size=(70, 50))
+    s1, m1 = _write_pair(tmp_path, "s1")
+    s2, m2 = _write_pair(tmp_path, "s2", size=(60, 64), box=(5, 5, 40, 50))
+    out, over = tmp_path / "mask.png", tmp_path / "overlay.jpg"
+    code, stdout, err = run_cli("predict", str(path), "--query", query, "--support", s1, m1, "--support", s2, m2,
+                                "-o", str(out), "--overlay", str(over), "--json", str(tmp_path / "p.json"))
+    assert code == 0, err
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(over).size == (70, 50)
+    assert json.loads((tmp_path / "p.json").read_text())["shots"] == 2
+
+
+def test_predict_folder_of_queries(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    for i in range(3):
+        _write_pair(qdir, f"q{i}", size=(40 + 8 * i, 40))
+    for p in qdir.glob("*.png"):
+        p.unlink()
+    s, m = _write_pair(tmp_path, "s")
+    code, _, err = run_cli("predict", str(path), "--query", str(qdir), "--support", s, m, "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q0.png", "q1.png", "q2.png"]
+    assert Image.open(tmp_path / "out" / "q2.png").size == (56, 40)
+
+
+def test_predict_bad_inputs(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    query, _ = _write_pair(tmp_path, "query")
+    s, _ = _write_pair(tmp_path, "s")
+    _, wrong = _write_pair(tmp_path, "wrong", size=(48, 40), mask_size=(20, 20))
+    code, _, err = run_cli("predict", str(path), "--query", query, "--support", s, wrong, "-o", str(tmp_path / "o.png"))
+    assert code == 2 and "wrong.png: mask is 20x20 but its image" in err
+    code, _, err = run_cli("predict", str(path), "--query", str(tmp_path / "nope.jpg"), "--support", s, wrong,
+                           "-o", str(tmp_path / "o.png"))
+    assert code == 2 and "nope.jpg: query image not found" in err
+    _, empty = _write_pair(tmp_path, "empty", box=None)
+    code, _, err = run_cli("predict", str(path), "--query", query, "--support", s, empty, "-o", str(tmp_path / "o.png"))
+    assert code == 0 and "Warning" in err and "empty.png" in err
+    code, _, err = run_cli("predict", str(tmp_path / "missing.onnx"), "--query", query, "--support", s, empty,
+                           "-o", str(tmp_path / "o.png"))
+    assert code == 2 and "missing.onnx: artifact not found" in err
+
+
+def test_eval_on_a_synthetic_fss_root_and_resume(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    root = make_fss(tmp_path / "data")
+    out1 = tmp_path / "full.json"
+    code, stdout, err = run_cli("eval", str(path), "--dataset", "fss", "--data-root", str(root), "--shots", "2",
+                                "--episodes", "6", "--json", str(out1))
+    assert code == 0, err
+    full = json.loads(out1.read_text())
+    assert full["episodes"] == 6 and 0 <= full["miou"] <= 100 and "mIoU" in stdout
+    assert not (tmp_path / "full.json.eval-state.json").exists()
+    code, _, err = run_cli("eval", str(path), "--dataset", "pascal", "--data-root", str(root))
+    assert code == 2 and "VOC2012" in err

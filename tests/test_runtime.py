@@ -1,0 +1,172 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import EXPORT_SIZE, run_cli
+
+from hsnet_deploy.artifacts import meta_to_props, props_to_meta
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.runtime.artifact import open_artifact
+from hsnet_deploy.runtime.bench import random_feed
+from hsnet_deploy.runtime.ort_build import build_ort_model
+from hsnet_deploy.runtime.ort_runner import OrtRunner, available_providers
+from hsnet_deploy.runtime.torch_runner import TorchRunner
+
+NO_CUDA = "no CUDA GPU on this machine (CI and the developers' machines are CPU-only)"
+NO_ORT_CUDA = "onnxruntime-gpu's CUDAExecutionProvider is not installed here"
+
+
+def _agrees(out, ref):
+    scale = np.abs(ref["logits"]).max()
+    assert out["logits"].shape == ref["logits"].shape and out["mask"].shape == ref["mask"].shape
+    assert np.abs(out["logits"] - ref["logits"]).max() <= 1e-4 * scale
+    assert (out["mask"] == ref["mask"]).mean() >= 0.999
+
+
+@pytest.fixture(scope="module")
+def feed():
+    return random_feed(2, 2, EXPORT_SIZE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(exported, feed):
+    _, _, model = exported("resnet50")
+    with TorchRunner(model) as runner:
+        return runner.infer(feed)
+
+
+def test_ort_cpu_runner_agrees_with_pytorch(exported, feed, reference):
+    path, _, _ = exported("resnet50")
+    with open_artifact(path, "cpu") as runner:
+        assert isinstance(runner, OrtRunner)
+        _agrees(runner.infer(feed), reference)
+        assert len(runner.inference_times) == 1 and runner.inference_times[0] > 0
+
+
+def test_ort_optimised_model_keeps_metadata_and_agrees(exported, feed, reference, tmp_path):
+    path, _, _ = exported("resnet50")
+    out = tmp_path / "opt.onnx"
+    meta = build_ort_model(path, out, "cpu")
+    assert meta["ort_device"] == "cpu" and meta["backbone"] == "resnet50"
+    with open_artifact(out) as runner:
+        _agrees(runner.infer(feed), reference)
+
+
+def test_checkpoint_artifact_runs_eagerly(exported, feed, reference, tmp_path):
+    from hsnet_deploy.model import save_checkpoint
+
+    _, _, model = exported("resnet50")
+    ckpt = tmp_path / "own.pt"
+    save_checkpoint(model, ckpt)
+    with open_artifact(ckpt, "cpu") as runner:
+        assert runner.info.backend == "pytorch"
+        _agrees(runner.infer(feed), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_torch_cuda_runner_agrees(exported, feed, reference, precision):
+    _, _, model = exported("resnet50")
+    with TorchRunner(model, "cuda", precision) as runner:
+        out = runner.infer(feed)
+    tol = 1e-4 if precision == "fp32" else 5e-2
+    assert np.abs(out["logits"] - reference["logits"]).max() <= tol * np.abs(reference["logits"]).max()
+    TorchRunner(model, "cpu")  # and the model still works on the CPU
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in available_providers(), reason=NO_ORT_CUDA)
+def test_ort_cuda_runner_with_io_binding_agrees(exported, feed, reference):
+    path, _, _ = exported("resnet50")
+    with open_artifact(path, "cuda") as runner:
+        _agrees(runner.infer(feed), reference)
+
+
+def test_cuda_requests_fail_clearly_without_a_gpu(exported):
+    if torch.cuda.is_available():
+        pytest.skip("reason: this machine has a GPU; the CPU-only error path cannot be shown here")
+    _, _, model = exported("resnet50")
+    with pytest.raises(UserError, match="no CUDA device"):
+        TorchRunner(model, "cuda")
+    if "CUDAExecutionProvider" not in available_providers():
+        path, _, _ = exported("resnet50")
+        with pytest.raises(UserError, match="pip install onnxruntime-gpu"), open_artifact(path, "cuda"):
+            pass
+
+
+def test_truncated_onnx_is_refused(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="cut.onnx: not a readable ONNX model"):
+        open_artifact(cut)
+
+
+def test_wrong_image_size_and_foreign_onnx_are_refused(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    with pytest.raises(UserError, match=f"built for {EXPORT_SIZE}x{EXPORT_SIZE} images, not 400x400"):
+        open_artifact(path, img_size=400)
+    foreign = tmp_path / "foreign.onnx"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), foreign)
+    with pytest.raises(UserError, match="without hsnet-deploy metadata"):
+        open_artifact(foreign)
+
+
+def test_ort_model_optimised_by_another_version_is_refused(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    out = tmp_path / "opt.onnx"
+    build_ort_model(path, out, "cpu")
+    proto = onnx.load(str(out))
+    meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
+    meta["ort_version"] = "0.0.1"
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta_to_props(meta))
+    onnx.save(proto, str(out))
+    with pytest.raises(UserError, match="optimised by ONNX Runtime 0.0.1"):
+        open_artifact(out)
+
+
+def test_engine_without_sidecar_is_refused(tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"\0" * 64)
+    with pytest.raises(UserError, match="without its metadata file model.plan.json"):
+        open_artifact(plan)
+
+
+def test_bench_json_has_every_field(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    report = tmp_path / "bench.json"
+    code, out, err = run_cli("bench", str(path), "--iters", "3", "--warmup", "1", "--json", str(report))
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["batch"] == 1 and data["shots"] == 1 and data["img_size"] == EXPORT_SIZE
+    assert data["episode_gflop"] > 0 and data["matmul_gflop_per_s"] > 0
+    labels = [r["label"] for r in data["results"]]
+    assert labels[0] == "pytorch-cpu fp32" and "onnxruntime-cpu fp32" in labels
+    for r in data["results"]:
+        assert set(r["latency_ms"]) == {"min", "mean", "p50", "p90", "p95", "p99", "max"}
+        assert r["latency_ms"]["min"] <= r["latency_ms"]["p50"] <= r["latency_ms"]["max"]
+        assert r["iters"] == 3 and r["cold_ms"] > 0 and r["episodes_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["speedup_vs_eager"] > 0 and r["gflop_per_s"] > 0
+        assert set(r["stages_ms"]) >= {"backbone", "correlation", "learner", "decoder"}
+    assert data["results"][0]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert "vs eager" in out and "per-stage" in out
+
+
+def test_heavy_backends_are_imported_lazily():
+    code = (
+        "import sys, hsnet_deploy, hsnet_deploy.cli, hsnet_deploy.runtime.artifact, hsnet_deploy.runtime.suite,"
+        " hsnet_deploy.runtime.trt_runner, hsnet_deploy.runtime.trt_build\n"
+        "heavy = [m for m in ('tensorrt', 'tensorrt_lean', 'cuda', 'modelopt', 'onnxconverter_common')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    help_run = subprocess.run([sys.executable, "-m", "hsnet_deploy", "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and "build-engine" in help_run.stdout
