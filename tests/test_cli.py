@@ -76,8 +76,9 @@ def test_export_command_writes_a_verified_model(tmp_path):
 
 def test_build_engine_onnxruntime(exported, tmp_path):
     path, _, _ = exported("resnet50")
-    code, out, err = run_cli("build-engine", str(path), "--backend", "onnxruntime", "-o", str(tmp_path / "o.onnx"))
-    assert code == 0, err and (tmp_path / "o.onnx").exists()
+    code, _out, err = run_cli("build-engine", str(path), "--backend", "onnxruntime", "-o", str(tmp_path / "o.onnx"))
+    assert code == 0, err
+    assert (tmp_path / "o.onnx").exists()
     code, _, err = run_cli("build-engine", str(path), "--int8", "-o", str(tmp_path / "q.onnx"))
     assert code == 2 and "--int8 needs --calib-data" in err
 
@@ -111,7 +112,7 @@ def test_predict_writes_mask_at_query_size_and_an_overlay(exported, tmp_path):
     s1, m1 = _write_pair(tmp_path, "s1")
     s2, m2 = _write_pair(tmp_path, "s2", size=(60, 64), box=(5, 5, 40, 50))
     out, over = tmp_path / "mask.png", tmp_path / "overlay.jpg"
-    code, stdout, err = run_cli("predict", str(path), "--query", query, "--support", s1, m1, "--support", s2, m2,
+    code, _stdout, err = run_cli("predict", str(path), "--query", query, "--support", s1, m1, "--support", s2, m2,
                                 "-o", str(out), "--overlay", str(over), "--json", str(tmp_path / "p.json"))
     assert code == 0, err
     mask = np.asarray(Image.open(out))

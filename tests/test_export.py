@@ -15,7 +15,7 @@ def _session(path):
 
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
 def test_every_conv_is_2d_and_no_custom_ops(exported, backbone):
-    path, report, _ = exported(backbone)
+    path, _report, _ = exported(backbone)
     proto = onnx.load(str(path))
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert convs
@@ -55,7 +55,7 @@ def test_verification_catches_a_wrong_c2(exported, monkeypatch):
     """A graph whose C2 is off by 2% must fail the pyramid comparison even if logits barely move."""
     from hsnet_deploy.export import verify
 
-    path, _, model = exported("resnet50")
+    _path, _, model = exported("resnet50")
     real = verify.reference_outputs
 
     def skewed(m, inputs):

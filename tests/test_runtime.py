@@ -168,5 +168,6 @@ def test_heavy_backends_are_imported_lazily():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    help_run = subprocess.run([sys.executable, "-m", "hsnet_deploy", "--help"], capture_output=True, text=True)
+    help_run = subprocess.run([sys.executable, "-m", "hsnet_deploy", "--help"], capture_output=True, text=True,
+                              check=False)
     assert help_run.returncode == 0 and "build-engine" in help_run.stdout
