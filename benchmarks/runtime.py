@@ -1,0 +1,51 @@
+"""ONNX Runtime CPU against PyTorch eager in one run: resnet50, 400x400, B = 1, K = 1 and K = 5, with the
+per-stage breakdown and the achieved GFLOP/s beside a matmul measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hsnet_deploy.cli import default_artifact
+from hsnet_deploy.runtime.suite import run_suite
+from record import md_table, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("artifacts", nargs="*", type=Path, help="Artifacts to compare [default: the embedded one].")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--size", type=int, default=400)
+    parser.add_argument("--name", default="runtime")
+    args = parser.parse_args()
+    paths = args.artifacts or [default_artifact(args.size)]
+    rows, stage_rows, notes = [], [], []
+    one_shot = {}
+    for shots in (1, 5):
+        suite = run_suite(paths, batch=1, shots=shots, iters=args.iters, warmup=2, device="cpu", threads=None,
+                          backbone=None, stages=True, cuda_graph=False, default=not args.artifacts)
+        for r in suite.results:
+            lat = r.latency_ms
+            name = f"{r.label} {Path(r.artifact).name if r.backend != 'pytorch' else ''}".strip()
+            if shots == 1:
+                one_shot[name] = lat["mean"]
+            ratio5 = lat["mean"] / one_shot[name] if shots == 5 and name in one_shot else None
+            rows.append([name, shots, lat["mean"], lat["p50"], lat["p90"], lat["min"], r.cold_ms,
+                         r.gflop_per_s, f"{r.speedup_vs_eager:.2f}x",
+                         f"{ratio5:.2f}x" if ratio5 else "-", f"{r.peak_rss_mb:.0f}"])
+            if r.stages_ms:
+                total = sum(r.stages_ms.values())
+                stage_rows.append([name, shots, *[f"{r.stages_ms.get(s, 0):.0f} ({100 * r.stages_ms.get(s, 0) / total:.0f}%)"
+                                                  for s in ("backbone", "correlation", "learner", "decoder", "other")]])
+        notes.append(f"K={shots}: episode {suite.episode_gflop:.1f} GFLOP (FlopCounter), matmul "
+                     f"{suite.matmul_gflop_per_s:.0f} GFLOP/s in the same run")
+    body = md_table(["runner", "K", "mean ms", "p50", "p90", "min", "cold ms", "GFLOP/s", "vs eager (same run)",
+                     "K=5 / K=1", "peak RSS MB"], rows)
+    body += "\n\nPer-stage time, ms per episode (share):\n\n" + md_table(
+        ["runner", "K", "backbone", "correlation", "learner", "decoder", "other"], stage_rows)
+    body += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    record(args.name, f"Runtime: ONNX Runtime CPU vs PyTorch eager, {args.size}x{args.size}, B = 1", body)
+
+
+if __name__ == "__main__":
+    main()
