@@ -63,6 +63,10 @@ class _Reader:
         self.pos += 1
         return self.feeds[self.pos - 1]
 
+    def get_first(self) -> dict[str, np.ndarray]:
+        """ModelOpt's extension: a test run's feed, without advancing."""
+        return self.feeds[0]
+
     def rewind(self) -> None:
         self.pos = 0
 

@@ -48,3 +48,26 @@ def balance_decoder_bias(model: torch.nn.Module, samples: list[EpisodeSample]) -
     conv = model.get_submodule(FINAL_CONV)
     conv.bias[1] += shift
     return shift
+
+
+def write_simple_layout(root, episodes: int, size: int = 96, shots: int = 1, seed: int = 0) -> None:
+    """A calibration directory in the simple layout (episodes.py): per episode a query with its mask and
+    `shots` supports with theirs. Objects are bright textured ellipses on dark noise, one colour per
+    episode, so features look more like photographs than Gaussian noise does."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for i in range(episodes):
+        folder = Path(root) / f"episode{i:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = rng.randint(120, 256, size=3)
+        for stem in ["query", *(f"support{j + 1}" for j in range(shots))]:
+            cy, cx, ry, rx = (rng.rand(4) * np.array([0.5, 0.5, 0.25, 0.25]) + np.array([0.25, 0.25, 0.1, 0.1])) * size
+            fg = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            img = rng.randint(0, 80, size=(size, size, 3))
+            img[fg] = np.clip(colour + rng.randint(-40, 40, size=(int(fg.sum()), 3)), 0, 255)
+            Image.fromarray(img.astype(np.uint8)).save(folder / f"{stem}.png")
+            Image.fromarray((fg * 255).astype(np.uint8)).save(folder / f"{stem}_mask.png")

@@ -1,0 +1,232 @@
+"""`build-engine --fp16 / --int8`: make a precision variant of an FP32 export, gate it, write it atomically.
+
+The variant is an ONNX model (FP16 = mixed precision, INT8 = explicit Q/DQ) that ONNX Runtime runs as is
+and TensorRT builds strongly typed. Nothing is written unless the variant passes the accuracy gate
+against the FP32 model on held-out episodes; the gate report goes into the variant's metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+
+from hsnet_deploy.artifacts import (
+    atomic_path,
+    check_output_path,
+    meta_to_props,
+    props_to_meta,
+    sha256_file,
+    tool_versions,
+)
+from hsnet_deploy.calibration.episodes import (
+    EpisodeSample,
+    EpisodeSplit,
+    load_sample,
+    one_shot_feeds,
+    split_episodes,
+)
+from hsnet_deploy.calibration.fp16 import KEEP_FP32, convert_fp16
+from hsnet_deploy.calibration.gate import GateReport, GateThresholds, fp32_outputs, run_gate
+from hsnet_deploy.calibration.int8 import (
+    CALIBRATION_METHODS,
+    DEFAULT_STAGES,
+    check_stages,
+    ort_int8_kernels,
+    qdq_summary,
+    quantize_onnxruntime,
+    quantize_tensorrt,
+)
+from hsnet_deploy.calibration.synthetic import synthetic_samples
+from hsnet_deploy.errors import GateFailure, UserError
+
+PRECISIONS = ("fp16", "int8")
+BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_CALIB_EPISODES = 32
+DEFAULT_GATE_EPISODES = 16
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    extra = {}
+    for dist in ("nvidia-modelopt", "onnxconverter-common"):
+        try:
+            extra[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return tool_versions(**extra)
+
+
+def _require_quant_deps(precision: str, backend: str) -> None:
+    """FP16 and TensorRT INT8 need ModelOpt; say how to install it rather than fail on an ImportError."""
+    if precision == "int8" and backend == "onnxruntime":
+        return
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"{precision} variants need NVIDIA ModelOpt's ONNX tools ({exc}); install them with "
+            "`pip install nvidia-modelopt onnx-graphsurgeon polygraphy lief` (not nvidia-modelopt[onnx], "
+            "whose pins replace onnx and onnxruntime)"
+        ) from None
+
+
+class _Progress:
+    """A rich progress bar on stderr when `enabled`, else nothing; one task at a time."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from hsnet_deploy.console import progress_bar
+
+            self.bar = progress_bar(transient=False)
+            self.bar.start()
+        self.task = None
+
+    def start(self, description: str, total: int) -> None:
+        if self.bar is not None:
+            self.task = self.bar.add_task(description, total=total, status="")
+
+    def advance(self, status: str = "") -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, advance=1, status=status)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _load(episodes, size: int, progress: _Progress, what: str) -> list[EpisodeSample]:
+    progress.start(f"loading {what} episodes", len(episodes))
+    samples = []
+    for ep in episodes:
+        samples.append(load_sample(ep, size))
+        progress.advance()
+    return samples
+
+
+def make_variant(
+    onnx_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    precision: str,
+    *,
+    calib_dir: str | os.PathLike | None = None,
+    calib_episodes: int = DEFAULT_CALIB_EPISODES,
+    gate_episodes: int = DEFAULT_GATE_EPISODES,
+    seed: int = 0,
+    fold: int = 0,
+    backend: str = "onnxruntime",
+    quantize: Iterable[str] | None = None,
+    calib_method: str = "minmax",
+    keep_fp32: Iterable[str] = tuple(KEEP_FP32),
+    thresholds: GateThresholds | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> tuple[dict, GateReport]:
+    """Make, gate and write a precision variant of the FP32 export `onnx_path`; returns (metadata, report).
+
+    precision: "fp16" | "int8". backend: "onnxruntime" | "tensorrt" selects the INT8 scheme (see int8.py);
+    FP16 is one model for both. calib_dir: episodes (episodes.py layouts) for calibration and the gate;
+    FP16 may go without, then the gate runs on synthetic episodes (no ground truth). quantize: stages
+    to quantise (default per backend, int8.DEFAULT_STAGES).
+    Raises UserError for bad input and GateFailure (with `.report`) when the gate fails: nothing written.
+    """
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+
+    start = time.perf_counter()
+    src = Path(onnx_path)
+    out = check_output_path(out_path)
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if calib_method not in CALIBRATION_METHODS:
+        raise UserError(f"--calib-method {calib_method}: expected one of {', '.join(CALIBRATION_METHODS)}")
+    meta = read_onnx_meta(src)
+    if meta.get("precision", "fp32") != "fp32":
+        raise UserError(f"{src}: is already a {meta['precision']} variant; make variants from the FP32 export")
+    if precision == "int8" and calib_dir is None:
+        raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
+    stages = check_stages(quantize or DEFAULT_STAGES[backend]) if precision == "int8" else ()
+    _require_quant_deps(precision, backend)
+    size = int(meta["img_size"])
+
+    split: EpisodeSplit | None = None
+    if calib_dir is not None:
+        split = split_episodes(calib_dir, calib_episodes if precision == "int8" else 1, gate_episodes, seed, fold)
+        if precision == "fp16":
+            split.calib = []  # FP16 needs no calibration: every selected episode could gate, but one rule is simpler
+    bar = _Progress(progress)
+    try:
+        gate_samples = (_load(split.gate, size, bar, "gate") if split is not None
+                        else synthetic_samples(gate_episodes, size, seed=seed))
+
+        info: dict = {"backend": backend}
+        with tempfile.TemporaryDirectory(prefix="hsnet-variant-", dir=out.parent) as tmp:
+            variant_path = Path(tmp) / "variant.onnx"
+            if precision == "fp16":
+                bar.start("converting to FP16 (ModelOpt AutoCast)", 1)
+                proto, kept = convert_fp16(str(src), tuple(keep_fp32))
+                bar.advance()
+                info["kept_fp32"] = {g: {"reason": KEEP_FP32[g], "nodes": len(names)} for g, names in kept.items()}
+                info["converter"] = "modelopt.onnx.autocast"
+            else:
+                calib_samples = _load(split.calib, size, bar, "calibration")
+                feeds = [f for s in calib_samples for f in one_shot_feeds(s)]
+                bar.start(f"calibrating INT8 ({backend}, {calib_method})", len(feeds))
+                quantizer = quantize_onnxruntime if backend == "onnxruntime" else quantize_tensorrt
+                proto, nodes = quantizer(str(src), feeds, stages, calib_method, on_feed=bar.advance)
+                bar.advance()
+                info.update({
+                    "quantized_stages": list(stages), "quantized_nodes": len(nodes), "calib_method": calib_method,
+                    "scheme": ("uint8 asymmetric activations, int8 per-channel symmetric weights, QDQ (onnxruntime)"
+                               if backend == "onnxruntime" else
+                               "int8 symmetric activations and weights, zero-point 0, Q/DQ on weighted-op inputs (ModelOpt)"),
+                    "qdq": qdq_summary(proto),
+                })
+            onnx.save(proto, str(variant_path))
+            if precision == "int8" and backend == "onnxruntime":
+                info["ort_int8_kernels"] = ort_int8_kernels(variant_path, threads)
+
+            reference = fp32_outputs(src, gate_samples, threads)
+            bar.start(f"gating {precision} against FP32", len(gate_samples))
+            report = run_gate(src, variant_path, gate_samples, precision, thresholds,
+                              split.class_ids() if split else None, threads,
+                              on_episode=lambda e: bar.advance(f"agreement {e.agreement:.3f}"), reference=reference)
+            if split is None:
+                report.notes.append(f"no --calib-data: gated on {len(gate_samples)} synthetic episodes (seed {seed})")
+
+            new_meta = dict(props_to_meta({p.key: p.value for p in proto.metadata_props}) or meta)
+            new_meta.update(meta)
+            present = {n.name for n in proto.graph.node}
+            new_meta.update({
+                "precision": precision,
+                "variant": info,
+                "gate": report.to_dict(),
+                "calibration": split.info() if split else {"layout": "synthetic", "seed": seed,
+                                                           "gate_episodes": len(gate_samples)},
+                "source_model": src.name,
+                "source_sha256": sha256_file(src),
+                "versions": _versions(),
+                "stages": {k: [n for n in v if n in present] for k, v in meta.get("stages", {}).items()},
+            })
+            if not report.passed:
+                failure = GateFailure(
+                    f"{precision} variant of {src.name} failed the accuracy gate: {'; '.join(report.failures())}; "
+                    f"{out} was not written")
+                failure.report = report  # type: ignore[attr-defined]
+                raise failure
+            del proto.metadata_props[:]
+            onnx.helper.set_model_props(proto, meta_to_props(new_meta))
+            proto.producer_name = "hsnet-deploy"
+            with atomic_path(out) as tmp_out:
+                onnx.save(proto, str(tmp_out))
+    finally:
+        bar.close()
+    new_meta["seconds"] = round(time.perf_counter() - start, 1)
+    return new_meta, report
