@@ -173,7 +173,6 @@ def run_gate(
     `reference`: FP32 outputs already computed for `samples`, so several variants gate against one run.
     """
     from hsnet_deploy.data.metrics import IoUAccumulator
-    from hsnet_deploy.runtime.artifact import read_onnx_meta
     from hsnet_deploy.runtime.ort_runner import OrtRunner
 
     report = GateReport(precision, thresholds or GateThresholds())
@@ -182,9 +181,8 @@ def run_gate(
     has_gt = bool(samples) and all(s.query_mask is not None for s in samples)
     ids = class_ids or tuple(sorted({s.class_id for s in samples}))
     acc_ref, acc_var = IoUAccumulator(ids), IoUAccumulator(ids)
-    from pathlib import Path
-
-    with OrtRunner(str(variant_path), read_onnx_meta(Path(variant_path)), "cpu", threads) as runner:
+    # The variant's metadata is written only once it passes, so the runner gets the precision directly.
+    with OrtRunner(str(variant_path), {"precision": precision}, "cpu", threads) as runner:
         for sample, ref in zip(samples, reference):
             var = runner.infer(sample.feed)
             ep = compare_outputs(sample.name, ref, var)

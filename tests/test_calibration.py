@@ -1,0 +1,125 @@
+"""Calibration episodes and the gate's metrics: fast tests, no model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from synthetic_datasets import make_fss, make_pascal
+
+from hsnet_deploy.calibration.episodes import detect_layout, load_sample, one_shot_feeds, split_episodes
+from hsnet_deploy.calibration.gate import GateReport, GateThresholds, mask_iou, sign_agreement
+from hsnet_deploy.calibration.synthetic import write_simple_layout
+from hsnet_deploy.errors import UserError
+
+
+@pytest.fixture
+def simple_dir(tmp_path):
+    write_simple_layout(tmp_path / "calib", episodes=12, size=40, shots=2, seed=1)
+    return tmp_path / "calib"
+
+
+def test_calibration_and_gate_sets_share_no_episode_and_no_query(simple_dir):
+    split = split_episodes(simple_dir, calib_episodes=5, gate_episodes=6, seed=0)
+    assert split.layout == "simple" and len(split.calib) == 5 and len(split.gate) == 6
+    calib_queries = {ep.query_image for ep in split.calib}
+    gate_queries = {ep.query_image for ep in split.gate}
+    assert not calib_queries & gate_queries
+    assert not {ep.name for ep in split.calib} & {ep.name for ep in split.gate}
+    assert split.has_ground_truth
+
+
+def test_episode_split_is_seeded(simple_dir):
+    names = lambda s: [ep.name for ep in s.calib + s.gate]
+    assert names(split_episodes(simple_dir, 4, 4, seed=3)) == names(split_episodes(simple_dir, 4, 4, seed=3))
+    assert names(split_episodes(simple_dir, 4, 4, seed=3)) != names(split_episodes(simple_dir, 4, 4, seed=4))
+
+
+def test_simple_layout_sample_has_all_shots_and_ground_truth(simple_dir):
+    split = split_episodes(simple_dir, 1, 1, seed=0)
+    sample = load_sample(split.gate[0], 32)
+    assert sample.feed["query_img"].shape == (1, 3, 32, 32)
+    assert sample.feed["support_imgs"].shape == (1, 2, 3, 32, 32)
+    assert sample.feed["support_masks"].shape == (1, 2, 32, 32)
+    assert set(np.unique(sample.feed["support_masks"])) <= {0.0, 1.0}
+    assert sample.query_mask is not None and sample.query_mask.shape == (32, 32)
+    feeds = one_shot_feeds(sample)
+    assert len(feeds) == 2 and feeds[1]["support_imgs"].shape == (1, 1, 3, 32, 32)
+    np.testing.assert_array_equal(feeds[1]["support_masks"][0, 0], sample.feed["support_masks"][0, 1])
+
+
+def test_fss_layout_is_read_with_the_authors_reader(tmp_path):
+    make_fss(tmp_path)
+    assert detect_layout(tmp_path) == "fss"
+    split = split_episodes(tmp_path, calib_episodes=10, gate_episodes=10, seed=0)
+    assert not {e.query_image for e in split.calib} & {e.query_image for e in split.gate}
+    sample = load_sample(split.gate[0], 32)
+    assert sample.query_mask is not None and split.has_ground_truth
+
+
+def test_pascal_layout_dedupes_repeated_queries(tmp_path):
+    make_pascal(tmp_path)
+    split = split_episodes(tmp_path, calib_episodes=4, gate_episodes=4, seed=0)
+    assert split.layout == "pascal"
+    assert split.available <= 11  # the split file lists 11 (image, class) entries; 1000 episodes cycle them
+    assert not {e.query_image for e in split.calib} & {e.query_image for e in split.gate}
+
+
+def test_empty_directory_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no calibration episodes"):
+        split_episodes(tmp_path / "empty", 1, 1)
+    with pytest.raises(UserError, match="not found"):
+        split_episodes(tmp_path / "missing", 1, 1)
+
+
+def test_too_few_episodes_is_a_user_error(simple_dir):
+    with pytest.raises(UserError, match="fewer than the 20 needed"):
+        split_episodes(simple_dir, 10, 10)
+    with pytest.raises(UserError, match="--calib-episodes 0"):
+        split_episodes(simple_dir, 0, 1)
+
+
+def test_support_without_mask_is_a_user_error(simple_dir):
+    (simple_dir / "episode0003" / "support2_mask.png").unlink()
+    with pytest.raises(UserError, match="support2.png: support image without its mask"):
+        split_episodes(simple_dir, 1, 1)
+
+
+def test_mask_of_another_size_is_a_user_error(simple_dir):
+    Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(simple_dir / "episode0005" / "support1_mask.png")
+    with pytest.raises(UserError, match=r"support1_mask.png: mask is 12x10 but its image support1.png is 40x40"):
+        split_episodes(simple_dir, 11, 1)
+
+
+def test_mask_iou_and_sign_agreement_by_hand():
+    a = np.array([[1, 1], [0, 0]], dtype=np.float32)
+    b = np.array([[1, 0], [1, 0]], dtype=np.float32)
+    assert mask_iou(a, b) == pytest.approx(1 / 3)
+    assert mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+    ref = np.zeros((2, 2, 2), dtype=np.float32)  # (2 classes, H, W): margin = fg - bg
+    ref[1] = [[3.0, -1.0], [0.5, -0.5]]
+    var = ref.copy()
+    var[1, 0, 1] = 1.0  # flips the pixel whose |margin| is 1 of a total 5
+    assert sign_agreement(ref, var) == pytest.approx(4 / 5)
+
+
+def test_gate_report_names_each_failed_threshold():
+    from hsnet_deploy.calibration.gate import EpisodeGate
+
+    report = GateReport("int8", GateThresholds(min_mean_agreement=0.9, min_sign_agreement=0.99, max_miou_drop=1.0))
+    report.episodes = [EpisodeGate("a", 0.8, 0.999, 0.01, 0.5)]
+    report.miou_fp32, report.miou_variant = 60.0, 58.5
+    fails = report.failures()
+    assert len(fails) == 2 and "mean mask agreement 0.8000" in fails[0] and "mIoU drop 1.5000" in fails[1]
+    assert report.to_dict()["passed"] is False
+
+
+def test_importing_the_package_leaves_heavy_quantisers_alone():
+    code = ("import sys, hsnet_deploy, hsnet_deploy.calibration, hsnet_deploy.calibration.variant; "
+            "print(any(m.split('.')[0] in ('modelopt', 'onnxconverter_common') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

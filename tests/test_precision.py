@@ -1,0 +1,213 @@
+"""FP16 and INT8 variants of a small exported HSNet: what stays FP32, where Q/DQ sit, the gate, the writes.
+
+One balanced seeded resnet50 (final decoder bias shifted so about half the pixels are foreground; see
+calibration/synthetic.py) is exported once at 96x96 for the module; every variant is made from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from hsnet_deploy.artifacts import props_to_meta, stage_of_node
+from hsnet_deploy.calibration import variant as variant_module
+from hsnet_deploy.calibration.gate import GateThresholds, run_gate
+from hsnet_deploy.calibration.int8 import ort_int8_kernels, quantised_inputs
+from hsnet_deploy.calibration.synthetic import balance_decoder_bias, synthetic_samples, write_simple_layout
+from hsnet_deploy.calibration.variant import make_variant
+from hsnet_deploy.errors import GateFailure, UserError
+from hsnet_deploy.export import export_onnx
+from hsnet_deploy.model import seeded_model
+from hsnet_deploy.runtime.artifact import open_artifact
+
+SIZE = 96
+pytest.importorskip("modelopt.onnx.quantization", reason="needs nvidia-modelopt (pip install nvidia-modelopt ...)")
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    model = seeded_model("resnet50", 0)
+    shift = balance_decoder_bias(model, synthetic_samples(3, SIZE, seed=100))
+    path = tmp_path_factory.mktemp("model") / "balanced.onnx"
+    report = export_onnx(model, path, SIZE, source={"weights": "seeded-random-balanced", "seed": 0, "bias_shift": shift})
+    assert report.passed
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    write_simple_layout(root, episodes=10, size=SIZE, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def int8_ort(fp32_model, calib_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    meta, report = make_variant(fp32_model, out, "int8", calib_dir=calib_dir, calib_episodes=4, gate_episodes=4,
+                                backend="onnxruntime", quantize=["backbone", "correlation"], progress=False)
+    return out, meta, report
+
+
+def _expected_quantised(proto: onnx.ModelProto, stages: set[str]) -> set[str]:
+    """Independently of graph.weighted_nodes: Convs of the stages, and correlation MatMuls, i.e. those
+    whose inputs are both computed (the mask and learner resizes multiply by constant matrices)."""
+    stage_of = stage_of_node(props_to_meta({p.key: p.value for p in proto.metadata_props}))
+    inits = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    names = set()
+    for node in proto.graph.node:
+        stage = stage_of.get(node.name)
+        if stage not in stages:
+            continue
+        if node.op_type == "Conv" and node is not convs[-1]:
+            names.add(node.name)
+        mask_resize = any("mask_resize" in p.value for p in node.metadata_props)
+        if node.op_type == "MatMul" and stage == "correlation" and not inits & set(node.input) and not mask_resize:
+            names.add(node.name)
+    return names
+
+
+def _types(proto: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    return types
+
+
+def test_int8_qdq_sits_exactly_on_the_chosen_stages(fp32_model, int8_ort):
+    path, meta, _report = int8_ort
+    proto = onnx.load(str(path))
+    expected = _expected_quantised(onnx.load(str(fp32_model)), {"backbone", "correlation"})
+    assert len(expected) > 100
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    # ONNX Runtime's QDQ scheme also re-quantises outputs (so it can fuse QLinearConv): Relu/Add/MaxPool may
+    # read a DequantizeLinear too; the weighted ops reading one must be exactly the chosen ones.
+    assert {n for n in quantised_inputs(proto) if ops[n] in ("Conv", "MatMul")} == expected
+    assert meta["variant"]["quantized_stages"] == ["backbone", "correlation"]
+    assert meta["variant"]["qdq"]["int_types"] == ["int32", "int8", "uint8"]  # biases, weights, activations
+
+
+def test_int8_onnxruntime_variant_becomes_int8_kernels(int8_ort):
+    path, meta, _ = int8_ort
+    kernels = ort_int8_kernels(path)
+    assert kernels.get("QLinearConv", 0) >= 100, kernels
+    assert kernels.get("QLinearMatMul", 0) + kernels.get("MatMulInteger", 0) >= 13, kernels
+    assert meta["variant"]["ort_int8_kernels"] == kernels
+
+
+def test_int8_variant_is_written_with_its_gate_report_and_runs_like_fp32(fp32_model, int8_ort, calib_dir):
+    path, meta, report = int8_ort
+    assert report.passed and meta["gate"]["passed"]
+    written = props_to_meta({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
+    assert written["precision"] == "int8" and written["gate"]["mean_agreement"] == meta["gate"]["mean_agreement"]
+    assert written["calibration"]["calib_episodes"] == 4 and written["calibration"]["gate_episodes"] == 4
+    assert written["backbone"] == "resnet50" and written["img_size"] == SIZE
+    assert report.miou_fp32 is not None  # the simple layout has query masks: mIoU is measured for both
+    feed = synthetic_samples(1, SIZE, seed=5, shots=2)[0].feed
+    with open_artifact(fp32_model, device="cpu") as ref, open_artifact(path, device="cpu") as var:
+        a, b = ref.infer(feed), var.infer(feed)
+    assert var.info.precision == "int8"
+    for name in ("logits", "mask"):
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
+
+
+def test_gate_refuses_absurd_calibration_ranges_and_writes_nothing(fp32_model, calib_dir, tmp_path, monkeypatch):
+    real = variant_module.quantize_onnxruntime
+
+    def absurd(*args, **kwargs):
+        proto, nodes = real(*args, **kwargs)
+        acts = {n.input[1] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+        for init in proto.graph.initializer:
+            if init.name in acts:  # activation ranges 1000x too narrow: everything saturates
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1e-3), init.name))
+        return proto, nodes
+
+    monkeypatch.setattr(variant_module, "quantize_onnxruntime", absurd)
+    out = tmp_path / "broken.onnx"
+    with pytest.raises(GateFailure, match="failed the accuracy gate") as info:
+        make_variant(fp32_model, out, "int8", calib_dir=calib_dir, calib_episodes=2, gate_episodes=4,
+                     quantize=["backbone"], progress=False)
+    assert not info.value.report.passed
+    assert info.value.report.mean_agreement < 0.9 or info.value.report.sign_agreement < 0.9
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_int8_is_symmetric_with_zero_points_of_zero(fp32_model, calib_dir, tmp_path):
+    out = tmp_path / "trt.onnx"
+    meta, report = make_variant(fp32_model, out, "int8", calib_dir=calib_dir, calib_episodes=2, gate_episodes=3,
+                                backend="tensorrt", quantize=["backbone", "correlation"], progress=False)
+    proto = onnx.load(str(out))
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zp = numpy_helper.to_array(inits[node.input[2]])
+            assert zp.dtype == np.int8 and not zp.any(), node.name
+    quantised = set(quantised_inputs(proto))
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    assert {ops[n] for n in quantised} <= {"Conv", "MatMul", "Add"}  # weighted ops (+ residual Adds ModelOpt fuses)
+    expected = _expected_quantised(onnx.load(str(fp32_model)), {"backbone", "correlation"})
+    assert {n for n in quantised if ops[n] != "Add"} <= expected
+    assert meta["variant"]["qdq"]["zero_points_all_zero"] and report.passed
+
+
+def test_fp16_keeps_mask_l2norm_groupnorm_in_fp32(fp32_model, tmp_path):
+    out = tmp_path / "fp16.onnx"
+    meta, report = make_variant(fp32_model, out, "fp16", gate_episodes=3, progress=False)
+    assert report.passed, report.failures()
+    proto = onnx.load(str(out))
+    types = _types(proto)
+    src = onnx.load(str(fp32_model))
+    # the support-mask resize MatMuls (constant matrix x mask) and their consumers, found from the FP32 graph
+    mask_matmuls = [n for n in src.graph.node if n.op_type == "MatMul"
+                    and any("mask_resize" in p.value for p in n.metadata_props)]
+    assert len(mask_matmuls) == 6
+    nodes = {n.name: n for n in proto.graph.node}
+    for node in mask_matmuls:
+        assert types[nodes[node.name].output[0]] == TensorProto.FLOAT, node.name
+    reduce_l2 = [n for n in proto.graph.node if n.op_type == "ReduceL2"]
+    assert reduce_l2 and all(types[n.output[0]] == TensorProto.FLOAT and types[n.input[0]] == TensorProto.FLOAT
+                             for n in reduce_l2)
+    sqrt = [n for n in proto.graph.node if n.op_type == "Sqrt"]  # GroupNorm's sqrt(var + eps)
+    assert sqrt and all(types[n.output[0]] == TensorProto.FLOAT for n in sqrt)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert sum(types[n.output[0]] == TensorProto.FLOAT16 for n in convs) == len(convs)
+    assert types["logits"] == TensorProto.FLOAT and types["mask"] == TensorProto.FLOAT
+    assert set(meta["variant"]["kept_fp32"]) == {"mask", "l2norm", "groupnorm", "vote"}
+    assert meta["calibration"]["layout"] == "synthetic" and meta["precision"] == "fp16"
+
+
+def test_fp16_masking_in_fp16_would_change_the_correlation():
+    """Why the mask path stays FP32: PyTorch's 400 -> 50 resize leaves residues FP16 cannot hold."""
+    from hsnet_deploy.model.resize import interpolation_matrix
+
+    m = interpolation_matrix(400, 50)  # (50, 400): a few rows give a source pixel a weight ~4e-6
+    _row, col = [int(i) for i in torch.nonzero((m > 0) & (m < 1e-4))[0]]
+    mask = torch.zeros(400, 400)
+    mask[col:300, col:300] = 1  # an object whose edge falls on that pixel: output (row, row) = weight^2
+    resized = m @ mask @ m.t()
+    tiny = (resized > 0) & (resized < 6e-8)
+    assert tiny.any()  # positions that count in FP32 ...
+    assert (resized.half()[tiny] == 0).all()  # ... and vanish in FP16
+
+
+def test_bad_requests_are_user_errors(fp32_model, calib_dir, tmp_path):
+    with pytest.raises(UserError, match="--int8 needs --calib-data"):
+        make_variant(fp32_model, tmp_path / "x.onnx", "int8", progress=False)
+    with pytest.raises(UserError, match="--quantize"):
+        make_variant(fp32_model, tmp_path / "x.onnx", "int8", calib_dir=calib_dir, quantize=["head"], progress=False)
+    with pytest.raises(UserError, match="fewer than"):
+        make_variant(fp32_model, tmp_path / "x.onnx", "int8", calib_dir=calib_dir, calib_episodes=8,
+                     gate_episodes=8, progress=False)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_run_gate_against_itself_is_perfect(fp32_model):
+    samples = synthetic_samples(2, SIZE, seed=9)
+    report = run_gate(fp32_model, fp32_model, samples, "fp32", GateThresholds(min_worst_agreement=1.0))
+    assert report.passed and report.logit_error == 0.0 and report.sign_agreement == 1.0
