@@ -123,3 +123,13 @@ def test_importing_the_package_leaves_heavy_quantisers_alone():
             "print(any(m.split('.')[0] in ('modelopt', 'onnxconverter_common') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_default_thresholds_follow_ground_truth():
+    with_gt = GateThresholds.defaults(True)
+    assert with_gt.max_miou_drop == 1.0 and with_gt.min_mean_agreement is None and with_gt.min_sign_agreement is None
+    without = GateThresholds.defaults(False, max_miou_drop=0.5)
+    assert without.min_mean_agreement == 0.95 and without.min_sign_agreement == 0.999
+    assert without.max_miou_drop == 0.5
+    with pytest.raises(TypeError):
+        GateThresholds.defaults(True, min_agreement=0.9)

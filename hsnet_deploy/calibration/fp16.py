@@ -88,16 +88,20 @@ def convert_fp16(src_path: str, keep: tuple[str, ...] = tuple(KEEP_FP32)) -> tup
     import logging
 
     from modelopt.onnx.autocast import convert_to_mixed_precision
+    from modelopt.onnx.autocast.logging_config import configure_logging
+
+    from hsnet_deploy.calibration.int8 import quiet_quantisers
 
     proto = onnx.load(src_path, load_external_data=False)
     kept = fp32_nodes(proto, keep)
     names = [n for group in kept.values() for n in group]
     patterns = [f"^{re.escape(n)}$" for n in names]
-    logging.getLogger("modelopt").setLevel(logging.ERROR)
-    converted = convert_to_mixed_precision(
-        src_path, low_precision_type="fp16", nodes_to_exclude=patterns or None, keep_io_types=True,
-        data_max=float("inf"), init_max=65504.0, opset=max(_opset(proto), 19),
-    )
+    configure_logging(logging.ERROR)  # AutoCast logs every node it skips at INFO
+    with quiet_quantisers():
+        converted = convert_to_mixed_precision(
+            src_path, low_precision_type="fp16", nodes_to_exclude=patterns or None, keep_io_types=True,
+            data_max=float("inf"), init_max=65504.0, opset=max(_opset(proto), 19),
+        )
     clean_value_info(converted)
     check_strongly_typed(converted)
     return converted, kept

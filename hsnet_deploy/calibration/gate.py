@@ -9,9 +9,10 @@ Measures, per episode:
 - logit error: max |variant - FP32| / max |FP32| over the episode's logits (as `export`'s verification);
 and, when the episodes have ground truth, mIoU of both models with the authors' metric.
 
-Defaults (measured with benchmarks/precision.py, see README): a correct variant scores >= 0.97 mean
-mask agreement and >= 0.99 sign agreement on the balanced seeded model; a broken calibration scores
-far below (< 0.7).
+Defaults (GateThresholds.defaults; measured with benchmarks/precision.py on the balanced seeded resnet50,
+see README): with ground truth, mIoU may drop at most 1.0 point. Without it, mean mask agreement >= 0.95
+and sign agreement >= 0.999: FP16 scores 0.995 / 0.99999 and INT8 backbone+correlation 0.99 / 0.9999,
+while activation ranges 1000x too narrow score 0.88 / 0.993 and INT8 on every stage 0.90 / 0.997.
 """
 
 from __future__ import annotations
@@ -28,13 +29,28 @@ from hsnet_deploy.errors import GateFailure
 
 @dataclass
 class GateThresholds:
-    """A variant passes when every threshold holds; None switches a check off."""
+    """A variant passes when every threshold holds; None switches a check off.
+
+    Use `GateThresholds.defaults(has_ground_truth, **overrides)`: with ground truth the mIoU drop decides
+    (at most 1.0 point); without it, agreement with FP32 does (mean mask IoU >= 0.95 and margin-weighted
+    sign agreement >= 0.999; see the module docstring for the measurements behind them).
+    """
 
     min_mean_agreement: float | None = 0.95
     min_worst_agreement: float | None = None
-    min_sign_agreement: float | None = 0.98
+    min_sign_agreement: float | None = 0.999
     max_logit_error: float | None = None
     max_miou_drop: float | None = 1.0  # points of mIoU (0..100), only where ground truth exists
+
+    @classmethod
+    def defaults(cls, has_ground_truth: bool, **overrides: float | None) -> GateThresholds:
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown gate thresholds {sorted(unknown)}")
+        base = cls(min_mean_agreement=None, min_sign_agreement=None) if has_ground_truth else cls()
+        for key, value in overrides.items():
+            setattr(base, key, value)
+        return base
 
 
 @dataclass
@@ -203,12 +219,15 @@ def run_gate(
     return report
 
 
-def fp32_outputs(fp32_path: str | os.PathLike, samples: list[EpisodeSample],
-                 threads: int | None = None) -> list[dict[str, np.ndarray]]:
-    from pathlib import Path
-
-    from hsnet_deploy.runtime.artifact import read_onnx_meta
+def fp32_outputs(fp32_path: str | os.PathLike, samples: list[EpisodeSample], threads: int | None = None,
+                 on_episode: Callable[[], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """The reference: the FP32 export in ONNX Runtime on the CPU."""
     from hsnet_deploy.runtime.ort_runner import OrtRunner
 
-    with OrtRunner(str(fp32_path), read_onnx_meta(Path(fp32_path)), "cpu", threads) as runner:
-        return [runner.infer(s.feed) for s in samples]
+    outputs = []
+    with OrtRunner(str(fp32_path), {"precision": "fp32"}, "cpu", threads) as runner:
+        for s in samples:
+            outputs.append(runner.infer(s.feed))
+            if on_episode:
+                on_episode()
+    return outputs

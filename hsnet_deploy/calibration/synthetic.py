@@ -11,7 +11,6 @@ bias shift moves every pixel's margin by exactly that amount: the spatial patter
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from hsnet_deploy.calibration.episodes import EpisodeSample
 
@@ -37,16 +36,18 @@ def synthetic_samples(n: int, img_size: int, seed: int = 0, shots: int = 1) -> l
     return samples
 
 
-@torch.no_grad()
-def balance_decoder_bias(model: torch.nn.Module, samples: list[EpisodeSample]) -> float:
-    """Shift the foreground bias of the final conv by minus the median margin; returns the shift."""
+def balance_decoder_bias(model, samples: list[EpisodeSample]) -> float:
+    """Shift the foreground bias of the final conv (of an HSNet) by minus the median margin; returns the shift."""
+    import torch
+
     margins = []
-    for s in samples:
-        logits, _ = model(*(torch.from_numpy(s.feed[k]) for k in ("query_img", "support_imgs", "support_masks")))
-        margins.append((logits[:, :, 1] - logits[:, :, 0]).flatten())
-    shift = -float(torch.cat(margins).median())
-    conv = model.get_submodule(FINAL_CONV)
-    conv.bias[1] += shift
+    with torch.no_grad():
+        for s in samples:
+            feeds = (torch.from_numpy(s.feed[k]) for k in ("query_img", "support_imgs", "support_masks"))
+            logits, _ = model(*feeds)
+            margins.append((logits[:, :, 1] - logits[:, :, 0]).flatten())
+        shift = -float(torch.cat(margins).median())
+        model.get_submodule(FINAL_CONV).bias[1] += shift
     return shift
 
 

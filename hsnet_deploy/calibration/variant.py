@@ -124,7 +124,7 @@ def make_variant(
     quantize: Iterable[str] | None = None,
     calib_method: str = "minmax",
     keep_fp32: Iterable[str] = tuple(KEEP_FP32),
-    thresholds: GateThresholds | None = None,
+    thresholds: GateThresholds | dict | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> tuple[dict, GateReport]:
@@ -133,7 +133,9 @@ def make_variant(
     precision: "fp16" | "int8". backend: "onnxruntime" | "tensorrt" selects the INT8 scheme (see int8.py);
     FP16 is one model for both. calib_dir: episodes (episodes.py layouts) for calibration and the gate;
     FP16 may go without, then the gate runs on synthetic episodes (no ground truth). quantize: stages
-    to quantise (default per backend, int8.DEFAULT_STAGES).
+    to quantise (default per backend, int8.DEFAULT_STAGES). thresholds: a GateThresholds used as is, or a
+    dict of the thresholds a user set (e.g. {"max_miou_drop": 0.5}) laid over `GateThresholds.defaults`,
+    which depend on whether the gate episodes have ground truth.
     Raises UserError for bad input and GateFailure (with `.report`) when the gate fails: nothing written.
     """
     from hsnet_deploy.runtime.artifact import read_onnx_meta
@@ -165,6 +167,9 @@ def make_variant(
     try:
         gate_samples = (_load(split.gate, size, bar, "gate") if split is not None
                         else synthetic_samples(gate_episodes, size, seed=seed))
+        if not isinstance(thresholds, GateThresholds):
+            has_gt = all(s.query_mask is not None for s in gate_samples)
+            thresholds = GateThresholds.defaults(has_gt, **(thresholds or {}))
 
         info: dict = {"backend": backend}
         with tempfile.TemporaryDirectory(prefix="hsnet-variant-", dir=out.parent) as tmp:
@@ -193,7 +198,8 @@ def make_variant(
             if precision == "int8" and backend == "onnxruntime":
                 info["ort_int8_kernels"] = ort_int8_kernels(variant_path, threads)
 
-            reference = fp32_outputs(src, gate_samples, threads)
+            bar.start("FP32 reference on the gate episodes", len(gate_samples))
+            reference = fp32_outputs(src, gate_samples, threads, on_episode=bar.advance)
             bar.start(f"gating {precision} against FP32", len(gate_samples))
             report = run_gate(src, variant_path, gate_samples, precision, thresholds,
                               split.class_ids() if split else None, threads,
