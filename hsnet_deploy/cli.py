@@ -72,8 +72,10 @@ def write_json(path: str | None, obj: object) -> None:
 @click.option("--opset", default=None, type=int, help="ONNX opset (default 20, at least 18).")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights when no --checkpoint is given.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .onnx file to write (atomically).")
+@click.option("--simplify/--no-simplify", default=True, show_default=True,
+              help="Fold BatchNorm and cancel transposes with onnxslim (before verification).")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the export report as JSON.")
-def export(backbone, checkpoint, img_size, opset, seed, output, json_path):
+def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_path):
     """Export HSNet to ONNX, every center-pivot 4D conv as reshaped 2D convs, and verify it.
 
     The written model is checked against eager PyTorch in ONNX Runtime on random episodes (B = 1, 2;
@@ -98,7 +100,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, json_path):
     def step(message: str) -> None:
         err.print(f"[bold]\\[{next(steps)}/4][/] {message}  [dim]({time.perf_counter() - started:.0f}s)[/]")
 
-    report = export_onnx(model, output, img_size, opset or DEFAULT_OPSET, source, step=step)
+    report = export_onnx(model, output, img_size, opset or DEFAULT_OPSET, source, simplify=simplify, step=step)
     rows = []
     for c in report.checks:
         for e in c.errors:
@@ -112,7 +114,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, json_path):
             f"> {report.tolerance:.0e}; {output} was not written"
         )
     out.print(f"[green]Wrote {output}[/]: {report.file_bytes / 2**20:.1f} MiB, {report.nodes} nodes "
-              f"({report.op_counts.get('Conv', 0)} Conv, all 2D), opset {report.opset}, "
+              f"({report.op_counts.get('Conv', 0)} Conv, all 2D; {report.nodes_traced} before onnxslim), opset {report.opset}, "
               f"worst relative error {max(c.worst_rel() for c in report.checks):.1e}, {report.seconds:.0f}s")
 
 

@@ -9,6 +9,9 @@ Exporter choice: torch.onnx's dynamo exporter (torch.export + onnxscript), opset
   GroupNorm is written out by the model (two-stage ReduceMean), so GroupNormalization-21, which fails
   to build in some TensorRT 10 releases, never appears.
 - torch.export specialises a dynamic dim whose example size is 1, so examples use B = K = 2.
+- onnxslim then folds BatchNorm into the convs and cancels transpose pairs: 999 -> 830 nodes for resnet50
+  with the same ONNX Runtime latency (ORT fuses these itself at load) but a smaller graph for TensorRT's
+  parser and for people reading it. It runs before verification, so what is verified is what ships.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class ExportReport:
     checks: list[EpisodeCheck] = field(default_factory=list)
     tolerance: float = FP32_REL_TOL
     stage_nodes: dict[str, int] = field(default_factory=dict)
+    nodes_traced: int = 0
 
     @property
     def passed(self) -> bool:
@@ -83,6 +87,7 @@ class ExportReport:
         return {
             "path": self.path, "backbone": self.backbone, "img_size": self.img_size, "opset": self.opset,
             "seconds": round(self.seconds, 2), "file_bytes": self.file_bytes, "nodes": self.nodes,
+            "nodes_traced": self.nodes_traced,
             "op_counts": self.op_counts, "stage_nodes": self.stage_nodes, "tolerance": self.tolerance, "passed": self.passed,
             "checks": [c.to_dict() for c in self.checks],
         }
@@ -103,6 +108,14 @@ def _trace(model: HSNet, path: Path, img_size: int, opset: int) -> None:
         output_names=[*OUTPUT_NAMES, *PYRAMID_NAMES], dynamic_shapes=dynamic, external_data=False,
         optimize=True, verbose=False,
     )
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    slim = onnxslim.slim(proto)
+    onnx.checker.check_model(slim, full_check=True)
+    return slim
 
 
 def _drop_outputs(model_proto: onnx.ModelProto, names: tuple[str, ...]) -> None:
@@ -127,6 +140,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     source: dict | None = None,
     tolerance: float = FP32_REL_TOL,
+    simplify: bool = True,
     step: Callable[[str], None] = lambda _msg: None,
 ) -> ExportReport:
     """Export, check, verify against eager PyTorch, then write `out_path` atomically with its metadata.
@@ -152,6 +166,10 @@ def export_onnx(
         check_onnx_structure(proto)
         onnx.checker.check_model(proto, full_check=True)
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        stages = label_stages(proto, PYRAMID_NAMES, "logits")  # needs the exporter's node scopes
+        report.nodes_traced = len(proto.graph.node)
+        if simplify:
+            proto = _simplify(proto)
         onnx.save(proto, str(traced))
 
         step("verifying against eager PyTorch in ONNX Runtime (logits, mask, C4, C3, C2)")
@@ -159,7 +177,8 @@ def export_onnx(
         if not report.passed:
             return report  # the caller reports the numbers; nothing is written
 
-        stages = label_stages(proto, PYRAMID_NAMES, "logits")
+        present = {n.name for n in proto.graph.node} | {o for n in proto.graph.node for o in n.output}
+        stages = {stage: [n for n in names if n in present] for stage, names in stages.items()}
         report.stage_nodes = {stage: len(names) for stage, names in stages.items()}
         _drop_outputs(proto, PYRAMID_NAMES)
         meta = {
@@ -168,6 +187,7 @@ def export_onnx(
             "img_size": img_size,
             "precision": "fp32",
             "opset": opset,
+            "simplified": "onnxslim" if simplify else "no",
             "mask_support": model.mask_support,
             "versions": tool_versions(),
             "preprocessing": PREPROCESSING,
