@@ -69,8 +69,7 @@ def _expected_quantised(proto: onnx.ModelProto, stages: set[str]) -> set[str]:
             continue
         if node.op_type == "Conv" and node is not convs[-1]:
             names.add(node.name)
-        mask_resize = any("mask_resize" in p.value for p in node.metadata_props)
-        if node.op_type == "MatMul" and stage == "correlation" and not inits & set(node.input) and not mask_resize:
+        if node.op_type == "MatMul" and stage == "correlation" and not inits & set(node.input):
             names.add(node.name)
     return names
 
@@ -168,8 +167,9 @@ def test_fp16_keeps_mask_l2norm_groupnorm_in_fp32(fp32_model, tmp_path):
     types = _types(proto)
     src = onnx.load(str(fp32_model))
     # the support-mask resize MatMuls (constant matrix x mask) and their consumers, found from the FP32 graph
-    mask_matmuls = [n for n in src.graph.node if n.op_type == "MatMul"
-                    and any("mask_resize" in p.value for p in n.metadata_props)]
+    first = [n for n in src.graph.node if n.op_type == "MatMul" and any("mask_resize" in i for i in n.input)]
+    mask_matmuls = first + [n for n in src.graph.node if n.op_type == "MatMul"
+                            and any(i in {f.output[0] for f in first} for i in n.input)]
     assert len(mask_matmuls) == 6
     nodes = {n.name: n for n in proto.graph.node}
     for node in mask_matmuls:
@@ -178,7 +178,9 @@ def test_fp16_keeps_mask_l2norm_groupnorm_in_fp32(fp32_model, tmp_path):
     assert reduce_l2 and all(types[n.output[0]] == TensorProto.FLOAT and types[n.input[0]] == TensorProto.FLOAT
                              for n in reduce_l2)
     sqrt = [n for n in proto.graph.node if n.op_type == "Sqrt"]  # GroupNorm's sqrt(var + eps)
-    assert sqrt and all(types[n.output[0]] == TensorProto.FLOAT for n in sqrt)
+    assert len(sqrt) == 15 and all(types[n.output[0]] == TensorProto.FLOAT for n in sqrt)
+    means = [n for n in proto.graph.node if n.op_type == "ReduceMean"]  # GroupNorm's statistics (60 of 61)
+    assert sum(types[n.output[0]] == TensorProto.FLOAT for n in means) >= 60
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert sum(types[n.output[0]] == TensorProto.FLOAT16 for n in convs) == len(convs)
     assert types["logits"] == TensorProto.FLOAT and types["mask"] == TensorProto.FLOAT

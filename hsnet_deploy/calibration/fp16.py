@@ -35,10 +35,6 @@ KEEP_FP32 = {
 }
 
 
-def _hierarchy(node: onnx.NodeProto) -> str:
-    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.class_hierarchy"), "")
-
-
 def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
     """Each ReduceL2 and the Add (norm + eps) and Div (v / norm) that consume it."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -57,8 +53,41 @@ def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
 
 
 def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Nodes the exporter attributes to GroupNorm6d (its module scope, recorded per node)."""
-    return [n.name for n in proto.graph.node if "GroupNorm6d" in _hierarchy(n) and n.op_type != "Reshape"]
+    """The two-stage GroupNorms of the learner, found by structure (the export's node names and scopes do
+    not survive onnxslim): from each learner Sqrt, up through ReduceMean/Mul/Sub/Add to the grouping
+    Reshapes, and down through the Div and the affine Reshape -> Mul -> Add."""
+    from hsnet_deploy.calibration.graph import node_stages
+
+    stages = node_stages(proto)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names: list[str] = []
+    for sqrt in proto.graph.node:
+        if sqrt.op_type != "Sqrt" or stages.get(sqrt.name) != "learner":
+            continue
+        stack, seen = [sqrt], set()
+        while stack:  # statistics: everything between the grouping Reshape(s) and the Sqrt
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type == "Reshape":
+                continue
+            stack.extend(p for i in node.input if (p := producer.get(i)) is not None
+                         and p.op_type in ("ReduceMean", "Sub", "Mul", "Add", "Reshape"))
+        node = next((c for c in consumers.get(sqrt.output[0], []) if c.op_type == "Div"), None)
+        for op in ("Reshape", "Mul", "Add"):  # normalised -> back to 6D -> * weight -> + bias
+            if node is None:
+                break
+            seen.add(node.name)
+            node = next((c for c in consumers.get(node.output[0], []) if c.op_type == op), None)
+        if node is not None:
+            seen.add(node.name)
+        names.extend(n.name for n in proto.graph.node if n.name in seen)
+    return names
 
 
 def vote_nodes(proto: onnx.ModelProto) -> list[str]:
