@@ -160,9 +160,8 @@ def make_variant(
 
     split: EpisodeSplit | None = None
     if calib_dir is not None:
-        split = split_episodes(calib_dir, calib_episodes if precision == "int8" else 1, gate_episodes, seed, fold)
-        if precision == "fp16":
-            split.calib = []  # FP16 needs no calibration: every selected episode could gate, but one rule is simpler
+        # FP16 calibrates nothing but draws the same split, so FP16 and INT8 gate on the same episodes.
+        split = split_episodes(calib_dir, calib_episodes, gate_episodes, seed, fold)
     bar = _Progress(progress)
     try:
         gate_samples = (_load(split.gate, size, bar, "gate") if split is not None
