@@ -9,10 +9,10 @@ Measures, per episode:
 - logit error: max |variant - FP32| / max |FP32| over the episode's logits (as `export`'s verification);
 and, when the episodes have ground truth, mIoU of both models with the authors' metric.
 
-Defaults (GateThresholds.defaults; measured with benchmarks/precision.py on the balanced seeded resnet50,
-see README): with ground truth, mIoU may drop at most 1.0 point. Without it, mean mask agreement >= 0.95
-and sign agreement >= 0.999: FP16 scores 0.995 / 0.99999 and INT8 backbone+correlation 0.99 / 0.9999,
-while activation ranges 1000x too narrow score 0.88 / 0.993 and INT8 on every stage 0.90 / 0.997.
+Defaults (GateThresholds.defaults; measured with benchmarks/precision.py on the balanced seeded resnet50
+at 400x400): with ground truth, mIoU may drop at most 1.0 point. Without it, mean mask agreement >= 0.95
+and sign agreement >= 0.999: FP16 scores 0.996 / 0.99999 and INT8 backbone+correlation 0.995 / 0.99999,
+while INT8 on every stage scores 0.88 / 0.995 and activation ranges 1000x too narrow (128x128) 0.88 / 0.993.
 """
 
 from __future__ import annotations
