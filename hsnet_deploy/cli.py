@@ -137,10 +137,30 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
 @click.option("--version-compatible", is_flag=True,
               help="tensorrt: a plan that later TensorRT versions and the 44 MB lean runtime can run.")
 @click.option("--tf32", is_flag=True, help="tensorrt: allow TF32 (off by default for FP32 parity).")
+@click.option("--calib-episodes", default=32, show_default=True, help="INT8: episodes to calibrate on (seeded draw).")
+@click.option("--gate-episodes", default=16, show_default=True,
+              help="Held-out episodes for the accuracy gate (none shared with calibration).")
+@click.option("--fold", default=0, show_default=True, help="Fold, when --calib-data is a PASCAL/COCO layout.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the calibration / gate draw.")
+@click.option("--quantize", "quantize", default=None,
+              help="INT8: stages to quantise, comma-separated from backbone,correlation,learner,decoder "
+                   "[default per backend: measured, see README].")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="INT8: how activation ranges are taken from the calibration episodes.")
+@click.option("--gate-max-miou-drop", type=float, help="Gate: largest mIoU drop in points (with ground truth) [1.0].")
+@click.option("--gate-min-agreement", type=float,
+              help="Gate: smallest mean IoU of variant vs FP32 masks [0.95 without ground truth].")
+@click.option("--gate-min-worst-agreement", type=float, help="Gate: smallest per-episode IoU vs FP32 [off].")
+@click.option("--gate-min-sign-agreement", type=float,
+              help="Gate: smallest margin-weighted fg-bg sign agreement [0.999 without ground truth].")
+@click.option("--gate-max-logit-error", type=float, help="Gate: largest relative logit error [off].")
+@click.option("--variant-onnx", type=click.Path(dir_okay=False),
+              help="tensorrt + --fp16/--int8: where to keep the variant ONNX [default: OUTPUT.onnx].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine or optimised model to write.")
-@click.pass_context
-def build_engine(ctx, model, backend, precision, calib_data, device, max_batch, max_shots, opt_batch, opt_shots,
-                 workspace, timing_cache, version_compatible, tf32, output):
+def build_engine(model, backend, precision, calib_data, device, max_batch, max_shots, opt_batch, opt_shots,
+                 workspace, timing_cache, version_compatible, tf32, calib_episodes, gate_episodes, fold, seed,
+                 quantize, calib_method, gate_max_miou_drop, gate_min_agreement, gate_min_worst_agreement,
+                 gate_min_sign_agreement, gate_max_logit_error, variant_onnx, output):
     """Compile an exported ONNX model for a backend.
 
     \b
@@ -148,12 +168,24 @@ def build_engine(ctx, model, backend, precision, calib_data, device, max_batch, 
                  ONNX model tied to this ONNX Runtime version and device.
     tensorrt:    a strongly typed TensorRT plan (10.x / 11.x) with one optimisation profile over B and K;
                  the plan file is unmodified (trtexec loads it), the metadata sits in OUTPUT.json.
+
+    \b
+    --fp16: a mixed-precision ONNX (ModelOpt AutoCast) keeping in FP32 what must stay (the support-mask
+            path, the L2 normalisation, GroupNorm, the vote).
+    --int8: explicit Q/DQ calibrated on --calib-data; the scheme follows the backend (uint8 activations
+            for ONNX Runtime's CPU kernels, symmetric int8 with zero-point 0 for TensorRT).
+    Both are compared with FP32 on held-out episodes; a variant that fails the gate is not written (exit 1).
+    With --backend tensorrt the variant ONNX is kept beside the plan and built strongly typed.
     """
     from hsnet_deploy.artifacts import check_output_path
     from hsnet_deploy.console import dumps, err, out
     from hsnet_deploy.runtime.artifact import read_onnx_meta
 
     precision = precision or "fp32"
+    if backend == "tensorrt":  # before minutes of calibration: fail now if the plan cannot be built here
+        from hsnet_deploy.runtime.trt_build import import_tensorrt
+
+        import_tensorrt()
     check_output_path(output)
     meta = read_onnx_meta(Path(model))
     if meta.get("precision", "fp32") != "fp32":
@@ -161,8 +193,27 @@ def build_engine(ctx, model, backend, precision, calib_data, device, max_batch, 
     if precision == "int8" and not calib_data:
         raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
     if precision != "fp32":
-        ctx.invoke(build_variant_cmd, **{k: v for k, v in ctx.params.items()})
-        return
+        from hsnet_deploy.calibration import make_variant
+
+        thresholds = {k: v for k, v in {
+            "max_miou_drop": gate_max_miou_drop, "min_mean_agreement": gate_min_agreement,
+            "min_worst_agreement": gate_min_worst_agreement, "min_sign_agreement": gate_min_sign_agreement,
+            "max_logit_error": gate_max_logit_error}.items() if v is not None}
+        stages = [x.strip() for x in quantize.split(",") if x.strip()] if quantize else None
+        target = output if backend == "onnxruntime" else (variant_onnx or f"{output}.onnx")
+        try:
+            written, report = make_variant(model, target, precision, calib_dir=calib_data,
+                                           calib_episodes=calib_episodes, gate_episodes=gate_episodes, seed=seed,
+                                           fold=fold, backend=backend, quantize=stages, calib_method=calib_method,
+                                           thresholds=thresholds)
+        except GateFailure as failure:
+            _print_gate(getattr(failure, "report", None))
+            raise
+        _print_gate(report)
+        out.print(f"[green]Wrote {target}[/] ({precision}, gate passed, {written.get('seconds', 0):.0f}s)")
+        if backend == "onnxruntime":
+            return
+        model = target
     if backend == "onnxruntime":
         from hsnet_deploy.runtime.ort_build import build_ort_model
 
@@ -183,9 +234,17 @@ def build_engine(ctx, model, backend, precision, calib_data, device, max_batch, 
     err.print(dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu_name", "compute_capability") if k in sidecar}))
 
 
-def build_variant_cmd(**params):
-    """Replaced when the precision variants are wired in (calibration package)."""
-    raise UserError("FP16 / INT8 variants are not available in this build")
+def _print_gate(report) -> None:
+    """The accuracy gate's report: per-episode agreement with FP32, then the verdict per threshold."""
+    from hsnet_deploy.console import dumps, err, out, table
+
+    if report is None:
+        return
+    data = report.to_dict()
+    rows = [(e["name"], e["agreement"], e["sign_agreement"], e["logit_error"]) for e in data.get("episodes", [])]
+    out.print(table(f"accuracy gate: {data.get('precision', '')} vs FP32 on held-out episodes",
+                    ["episode", "mask IoU vs FP32", "sign agreement", "rel. logit error"], rows))
+    err.print(dumps({k: v for k, v in data.items() if k != "episodes"}))
 
 
 def default_artifact(img_size: int) -> Path:
