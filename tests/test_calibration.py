@@ -133,3 +133,11 @@ def test_default_thresholds_follow_ground_truth():
     assert without.max_miou_drop == 0.5
     with pytest.raises(TypeError):
         GateThresholds.defaults(True, min_agreement=0.9)
+
+
+def test_fp16_split_gates_on_the_int8_gate_episodes_and_needs_only_those(simple_dir):
+    int8 = split_episodes(simple_dir, 5, 4, seed=2)
+    fp16 = split_episodes(simple_dir, 5, 4, seed=2, calibrate=False)
+    assert [e.name for e in fp16.gate] == [e.name for e in int8.gate]
+    small = split_episodes(simple_dir, 32, 10, seed=2, calibrate=False)  # 12 episodes: the gate's 10 fit
+    assert len(small.gate) == 10 and len(small.calib) == 2

@@ -158,9 +158,14 @@ def split_episodes(
     gate_episodes: int,
     seed: int = 0,
     fold: int = 0,
+    calibrate: bool = True,
 ) -> EpisodeSplit:
-    """Seeded, disjoint calibration and gate sets; too few episodes for both is a UserError."""
-    if calib_episodes < MIN_CALIB_EPISODES:
+    """Seeded, disjoint calibration and gate sets; too few episodes for both is a UserError.
+
+    `calibrate=False` (FP16): the calibration set only shrinks to what is left after the gate's, so the gate
+    draws the same episodes as an INT8 run with the same seed whenever both fit.
+    """
+    if calibrate and calib_episodes < MIN_CALIB_EPISODES:
         raise UserError(f"--calib-episodes {calib_episodes}: must be at least {MIN_CALIB_EPISODES}")
     if gate_episodes < MIN_GATE_EPISODES:
         raise UserError(f"--gate-episodes {gate_episodes}: must be at least {MIN_GATE_EPISODES}")
@@ -172,6 +177,8 @@ def split_episodes(
     for ep in pool:
         unique.setdefault(ep.query_image, ep)
     pool = list(unique.values())
+    if not calibrate:
+        calib_episodes = max(0, min(calib_episodes, len(pool) - gate_episodes))
     need = calib_episodes + gate_episodes
     if len(pool) < need:
         raise UserError(

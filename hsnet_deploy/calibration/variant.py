@@ -161,7 +161,7 @@ def make_variant(
     split: EpisodeSplit | None = None
     if calib_dir is not None:
         # FP16 calibrates nothing but draws the same split, so FP16 and INT8 gate on the same episodes.
-        split = split_episodes(calib_dir, calib_episodes, gate_episodes, seed, fold)
+        split = split_episodes(calib_dir, calib_episodes, gate_episodes, seed, fold, calibrate=precision == "int8")
     bar = _Progress(progress)
     try:
         gate_samples = (_load(split.gate, size, bar, "gate") if split is not None
