@@ -33,10 +33,11 @@ import onnx
 from hsnet_deploy.calibration.graph import mask_path_nodes
 
 KEEP_FP32 = {
-    "mask": "support-mask resize and masking: residues down to 6e-11 decide which support positions count; "
-            "FP16 flushes values below 6e-8 to zero",
-    "l2norm": "correlation L2 normalisation: sums of squares over up to 2048 channels exceed FP16's 65504",
-    "groupnorm": "learner GroupNorm: variance over ~1.7M values per group loses precision in FP16",
+    "mask": "support-mask resize and masking: residues down to ~1e-11 decide which support positions count "
+            "(the spec's exact zero pattern); FP16 flushes values below 6e-8 to zero",
+    "l2norm": "correlation L2 normalisation, a precaution: sums of squares over up to 2048 channels must not "
+              "accumulate in FP16 (max 65504); seeded weights peak at ~80, trained ones are larger",
+    "groupnorm": "learner GroupNorm, a precaution: statistics over ~1.7M values per group at 400x400",
     "vote": "K-shot vote and outputs: the contract's float32 logits and {0,1} mask",
 }
 
