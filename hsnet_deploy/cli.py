@@ -154,13 +154,15 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
 @click.option("--gate-min-sign-agreement", type=float,
               help="Gate: smallest margin-weighted fg-bg sign agreement [0.999 without ground truth].")
 @click.option("--gate-max-logit-error", type=float, help="Gate: largest relative logit error [off].")
+@click.option("--fp16-keep", default="mask,l2norm,groupnorm,vote", show_default=True,
+              help="FP16: groups kept in FP32 (mask = support-mask path, required; the rest are precautions).")
 @click.option("--variant-onnx", type=click.Path(dir_okay=False),
               help="tensorrt + --fp16/--int8: where to keep the variant ONNX [default: OUTPUT.onnx].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine or optimised model to write.")
 def build_engine(model, backend, precision, calib_data, device, max_batch, max_shots, opt_batch, opt_shots,
                  workspace, timing_cache, version_compatible, tf32, calib_episodes, gate_episodes, fold, seed,
                  quantize, calib_method, gate_max_miou_drop, gate_min_agreement, gate_min_worst_agreement,
-                 gate_min_sign_agreement, gate_max_logit_error, variant_onnx, output):
+                 gate_min_sign_agreement, gate_max_logit_error, fp16_keep, variant_onnx, output):
     """Compile an exported ONNX model for a backend.
 
     \b
@@ -205,7 +207,8 @@ def build_engine(model, backend, precision, calib_data, device, max_batch, max_s
             written, report = make_variant(model, target, precision, calib_dir=calib_data,
                                            calib_episodes=calib_episodes, gate_episodes=gate_episodes, seed=seed,
                                            fold=fold, backend=backend, quantize=stages, calib_method=calib_method,
-                                           thresholds=thresholds)
+                                           thresholds=thresholds,
+                                           keep_fp32=tuple(x.strip() for x in fp16_keep.split(",") if x.strip()))
         except GateFailure as failure:
             _print_gate(getattr(failure, "report", None))
             raise

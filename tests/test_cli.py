@@ -70,7 +70,7 @@ def test_export_command_writes_a_verified_model(tmp_path):
     assert code == 0, err
     assert "SEEDED RANDOM" in err and "Wrote" in out and "corr_c2" in out
     data = json.loads(report.read_text())
-    assert data["passed"] and data["op_counts"]["Conv"] == 140
+    assert data["passed"] and data["op_counts"]["Conv"] == 53 + 30 + 4
     assert target.stat().st_size == data["file_bytes"]
 
 

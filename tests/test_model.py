@@ -200,7 +200,8 @@ def test_query_backbone_runs_once_for_five_shots():
     model.backbone.hypercolumns = counting
     with torch.no_grad():
         model(*random_episode(2, 5, 64))
-    assert calls == Counter({2: 1, 10: 1})  # one query pass (B=2), one batched support pass (B*K=10)
+    # One pass over B + B*K = 12 images; the authors' per-shot loop would push 2 * B*K = 20 through it.
+    assert calls == Counter({12: 1})
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -99,8 +99,13 @@ class HSNet(nn.Module):
         b, k = support_imgs.shape[:2]
         h, w = query_img.shape[-2:]
         check_image_size(self.backbone_name, int(h), int(w))
-        query_feats = self.backbone.hypercolumns(query_img)  # once, whatever K is
-        support_feats = self.backbone.hypercolumns(support_imgs.reshape(b * k, *support_imgs.shape[2:]))
+        # One backbone pass over the B queries and the B*K supports together: the query features are
+        # computed once whatever K is, and an exported graph holds one copy of the backbone's weights
+        # (two passes would get separate BatchNorm-folded copies from graph simplifiers).
+        images = torch.cat([query_img, support_imgs.reshape(b * k, *support_imgs.shape[2:])], dim=0)
+        feats = self.backbone.hypercolumns(images)
+        query_feats = [f[:b] for f in feats]
+        support_feats = [f[b:] for f in feats]
         mark("backbone")
         if self.mask_support:
             masks = support_masks.reshape(b * k, h, w)
