@@ -9,10 +9,10 @@ import statistics
 import time
 
 import torch
+from record import md_table, record
 
 from hsnet_deploy.model import seeded_model
 from hsnet_deploy.runtime.bench import random_feed
-from record import md_table, record
 
 
 def timed(fn, iters: int) -> list[float]:

@@ -7,10 +7,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import md_table, record
+
 from hsnet_deploy.cli import _quiet_exporters
 from hsnet_deploy.export import export_onnx
 from hsnet_deploy.model import seeded_model
-from record import md_table, record
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 
 import torch
+from record import md_table, record
 
 from hsnet_deploy.cli import _quiet_exporters
 from hsnet_deploy.export import export_onnx
 from hsnet_deploy.model import seeded_model
 from hsnet_deploy.runtime.suite import run_suite
-from record import md_table, record
 
 
 def main() -> None:

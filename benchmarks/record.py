@@ -38,7 +38,7 @@ def record(name: str, title: str, body: str) -> None:
                f"{body.strip()}\n<!-- /{name} -->")
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nFigures measured by `benchmarks/`; ratios are " \
         "measured in the same run (these machines are shared and noisy).\n"
-    pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
+    pattern = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.DOTALL)
     text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     DOC.parent.mkdir(exist_ok=True)
     tmp = DOC.with_suffix(".md.tmp")

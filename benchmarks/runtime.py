@@ -8,14 +8,14 @@ runs after, runner by runner."""
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
-import statistics
+from record import md_table, record
 
 from hsnet_deploy.cli import default_artifact
 from hsnet_deploy.runtime.bench import random_feed
 from hsnet_deploy.runtime.suite import plan_runners, run_suite
-from record import md_table, record
 
 
 def main() -> None:
