@@ -92,7 +92,7 @@ def test_int8_qdq_sits_exactly_on_the_chosen_stages(fp32_model, int8_ort):
     path, meta, _report = int8_ort
     proto = onnx.load(str(path))
     expected = _expected_quantised(onnx.load(str(fp32_model)), {"backbone", "correlation"})
-    assert len(expected) >= 53 + 13  # resnet50 backbone convs (one pass for queries and supports) + C MatMuls
+    assert len(expected) >= 53 + 3  # resnet50 backbone convs (one pass for queries and supports) + one MatMul per stage
     ops = {n.name: n.op_type for n in proto.graph.node}
     # ONNX Runtime's QDQ scheme also re-quantises outputs (so it can fuse QLinearConv): Relu/Add/MaxPool may
     # read a DequantizeLinear too; the weighted ops reading one must be exactly the chosen ones.
@@ -105,7 +105,7 @@ def test_int8_onnxruntime_variant_becomes_int8_kernels(int8_ort):
     path, meta, _ = int8_ort
     kernels = ort_int8_kernels(path)
     assert kernels.get("QLinearConv", 0) >= 50, kernels  # the 53 backbone convs, less any ORT fused otherwise
-    assert kernels.get("QLinearMatMul", 0) + kernels.get("MatMulInteger", 0) >= 13, kernels
+    assert kernels.get("QLinearMatMul", 0) + kernels.get("MatMulInteger", 0) >= 3, kernels  # one per stage
     assert meta["variant"]["ort_int8_kernels"] == kernels
 
 

@@ -39,18 +39,24 @@ def hypercorrelation(
     """Cosine similarity of every query position with every support position, ReLU'd, stacked per stage.
 
     query_feats: maps (B, C, hq, wq); support_feats: maps (B*K, C, hs, ws), shot-major within a batch item.
-    The query is normalised once and broadcast over the K shots, never copied.
     Returns [C4, C3, C2], each (B*K, n_layers, hq, wq, hs, ws), deepest stage first.
+
+    The layers of one stage share their channels and size, so the small normalised FEATURES are stacked
+    and one batched MatMul writes each stage straight into its final layout: stacking the correlations
+    instead copies up to 500 MB per episode at K = 5 (measured: Concat went 31 -> 371 ms from K = 1 to 5).
+    The query is normalised once and broadcast over the K shots, never copied.
     """
-    corrs = []
-    for q_feat, s_feat in zip(query_feats, support_feats):
-        b, _, hq, wq = q_feat.shape
-        hs, ws = s_feat.shape[-2:]
-        q = l2_normalise(q_feat).transpose(1, 2).unsqueeze(1)  # (B, 1, hq*wq, C)
-        s = l2_normalise(s_feat)
-        s = s.reshape(b, shots, s.shape[1], s.shape[2])  # (B, K, C, hs*ws)
-        corr = torch.matmul(q, s).clamp(min=0)  # (B, K, hq*wq, hs*ws)
-        corrs.append(corr.reshape(b * shots, hq, wq, hs, ws))
     n4, n3, _ = stage_sizes
-    stages = (corrs[len(corrs) - n4 :], corrs[len(corrs) - n4 - n3 : len(corrs) - n4], corrs[: len(corrs) - n4 - n3])
-    return [torch.stack(stage, dim=1) for stage in stages]
+    n = len(query_feats)
+    bounds = ((n - n4, n), (n - n4 - n3, n - n4), (0, n - n4 - n3))
+    pyramid = []
+    for lo, hi in bounds:
+        b, _, hq, wq = query_feats[lo].shape
+        hs, ws = support_feats[lo].shape[-2:]
+        q = torch.stack([l2_normalise(f) for f in query_feats[lo:hi]], dim=1)  # (B, L, C, hq*wq)
+        s = torch.stack([l2_normalise(f) for f in support_feats[lo:hi]], dim=1)  # (B*K, L, C, hs*ws)
+        q = q.transpose(2, 3).unsqueeze(1)  # (B, 1, L, hq*wq, C)
+        s = s.reshape(b, shots, *s.shape[1:])  # (B, K, L, C, hs*ws)
+        corr = torch.matmul(q, s).clamp(min=0)  # (B, K, L, hq*wq, hs*ws)
+        pyramid.append(corr.reshape(b * shots, hi - lo, hq, wq, hs, ws))
+    return pyramid
