@@ -345,6 +345,11 @@ def _open_runner(artifact, device, backbone, threads, img_size=None):
     return open_artifact(artifact, device, backbone, img_size=img_size, threads=threads)
 
 
+def _runner_img_size(runner) -> int:
+    """The artifact's fixed image size; an eager checkpoint takes the authors' 400."""
+    return int((getattr(runner, "meta", None) or {}).get("img_size", 400))
+
+
 def _artifact_origin(runner) -> tuple[str | None, bool]:
     """(backbone, made from the authors' weights?) from the runner's model or metadata."""
     model = getattr(runner, "model", None)
@@ -391,7 +396,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 
         torch.set_num_threads(threads)
     runner = _open_runner(artifact, device, backbone, threads)
-    img_size = int(getattr(runner, "meta", {}).get("img_size", 400)) if hasattr(runner, "meta") else 400
+    img_size = _runner_img_size(runner)
     eset = build_episodes(dataset, data_root, fold=fold, shots=shots, episodes=episodes, splits_dir=splits_dir)
     state = state_path or f"{json_path or artifact}.eval-state.json"
     info = runner.info
@@ -444,7 +449,7 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
 
     queries = predict_lib.list_queries(query)
     runner = _open_runner(artifact, device, backbone, threads)
-    img_size = int(runner.meta.get("img_size", 400)) if hasattr(runner, "meta") else 400
+    img_size = _runner_img_size(runner)
     loaded = predict_lib.load_supports(list(supports), img_size)
     for path in loaded.empty:
         err.print(f"[yellow]Warning: {path}: the support mask is empty; that shot cannot show the object[/]")

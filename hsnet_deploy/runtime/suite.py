@@ -32,9 +32,11 @@ def plan_runners(
     """Runners in order (eager baselines first) and the reasons other backends were skipped."""
     arts = [inspect_artifact(p) for p in paths]
     first = arts[0]
+    checkpoint_device = "cpu" if device == "auto" else device
+    # Checkpoint runners are opened once, here: the first one also tells the baseline's backbone.
+    eager_runners = {id(a): open_artifact(a.path, checkpoint_device, backbone) for a in arts if a.kind == "checkpoint"}
     if first.kind == "checkpoint":
-        probe = open_artifact(first.path, "cpu", backbone)
-        base_backbone, img_size = probe.model.backbone_name, 400
+        base_backbone, img_size = eager_runners[id(first)].model.backbone_name, 400
     else:
         base_backbone, img_size = first.meta["backbone"], int(first.meta["img_size"])
     has_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
@@ -52,7 +54,7 @@ def plan_runners(
     providers = available_providers()
     for art in arts:
         if art.kind == "checkpoint":
-            runners.append(open_artifact(art.path, "cpu" if device == "auto" else device, backbone))
+            runners.append(eager_runners[id(art)])
             continue
         if art.kind == "tensorrt":
             runners.append(open_artifact(art.path, "cuda"))
