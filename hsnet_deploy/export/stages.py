@@ -60,3 +60,32 @@ def label_stages(proto: onnx.ModelProto, pyramid_outputs: tuple[str, ...], logit
         # ONNX Runtime names some rewritten nodes after their output (`<output>_nchwc`): list those too.
         groups[stage].extend(o for o in node.output[:1] if o and o != node.name)
     return groups
+
+
+def node_stages(proto: onnx.ModelProto, stage_of: dict[str, str]) -> dict[str, str]:
+    """Node name -> stage for every node of `proto`, including nodes the stage map does not name.
+
+    Derived graphs add and rename nodes (FP16 Casts, INT8 Q/DQ pairs, fused nodes): such a node takes the
+    stage of the nearest labelled node that produces one of its inputs, else of one that consumes its
+    outputs, else 'other'. Nodes are visited in graph (topological) order, so a chain of new nodes
+    inherits through its own members.
+    """
+    nodes = list(proto.graph.node)
+    stages: dict[str, str] = {}
+    producer_stage: dict[str, str] = {}
+    for node in nodes:
+        stage = stage_of.get(node.name) or next((stage_of[o] for o in node.output[:1] if o in stage_of), None)
+        if stage is None:
+            stage = next((producer_stage[i] for i in node.input if i in producer_stage), None)
+        if stage is None:
+            continue
+        stages[node.name] = stage
+        for out in node.output:
+            producer_stage[out] = stage
+    consumer_stage: dict[str, str] = {}
+    for node in reversed(nodes):  # consumers before producers
+        if node.name not in stages:
+            stages[node.name] = next((consumer_stage[o] for o in node.output if o in consumer_stage), "other")
+        for inp in node.input:
+            consumer_stage.setdefault(inp, stages[node.name])
+    return stages
