@@ -104,8 +104,9 @@ class HSNet(nn.Module):
         # (two passes would get separate BatchNorm-folded copies from graph simplifiers).
         images = torch.cat([query_img, support_imgs.reshape(b * k, *support_imgs.shape[2:])], dim=0)
         feats = self.backbone.hypercolumns(images)
-        query_feats = [f[:b] for f in feats]
-        support_feats = [f[b:] for f in feats]
+        # split, not f[:b] / f[b:]: with B and K dynamic, torch.export (2.11) gives a slice an unbacked size
+        # it cannot relate to B, and the learner's reshapes then fail; split's sizes sum to the known length.
+        query_feats, support_feats = map(list, zip(*(torch.split(f, [b, b * k]) for f in feats)))
         mark("backbone")
         if self.mask_support:
             masks = support_masks.reshape(b * k, h, w)

@@ -33,7 +33,9 @@ class GroupNorm6d(nn.GroupNorm):
         n, c = x.shape[:2]
         spatial = x.shape[2:]
         # (N, C, Hq, Wq, Hs, Ws) -> (N, G, C/G*Hq*Wq, Hs*Ws)
-        g = x.reshape(n, self.num_groups, -1, spatial[-2] * spatial[-1])
+        # Explicit sizes, no -1: inferring -1 makes torch.export guard on the element count, which fails
+        # when N is a data-dependent size (torch 2.11 with B and K dynamic).
+        g = x.reshape(n, self.num_groups, (c // self.num_groups) * spatial[0] * spatial[1], spatial[2] * spatial[3])
         mean = g.mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
         centred = g - mean
         var = (centred * centred).mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
