@@ -72,6 +72,13 @@ class Runner(ABC):
     @abstractmethod
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    supports_device_io = False
+
+    def infer_device(self, feed: dict) -> dict:
+        """Device I/O: inputs already on the GPU (torch tensors or DLPack), outputs left there as torch tensors.
+        Only runners with `supports_device_io` have it; their `infer` stays the host-I/O path."""
+        raise NotImplementedError(f"{type(self).__name__} takes host arrays only; use infer()")
+
     def device_memory_bytes(self) -> int | None:
         """Peak device memory this runner used, or None on the CPU (bench then reports process RSS)."""
         return None

@@ -11,6 +11,12 @@ import numpy as np
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import OUTPUT_NAMES, Runner, RunnerInfo
+from hsnet_deploy.runtime.ort_cuda import (
+    FixedIoBinding,
+    capture_refusal,
+    check_cuda_graph_request,
+    cuda_provider_options,
+)
 
 GPU_INSTALL = "pip install onnxruntime-gpu  (after `pip uninstall onnxruntime`: the two wheels share a module)"
 
@@ -25,8 +31,9 @@ class OrtRunner(Runner):
     """One InferenceSession per `with` block.
 
     device "cpu": intra-op threads default to the physical cores (ONNX Runtime's own default).
-    device "cuda": CUDA EP; inputs are bound once per call and outputs are bound to device memory
-    and copied back once, so no per-node host round trips (I/O binding).
+    device "cuda": CUDA EP; inputs and outputs bound once per (B, K) to fixed device buffers
+    (runtime/ort_cuda.py), new inputs copied into them in place; `cuda_graph` captures one CUDA graph per
+    shape; `infer_device` takes CUDA tensors without a host round trip; `ep_options` sets CUDA EP options.
     """
 
     def __init__(
@@ -37,6 +44,7 @@ class OrtRunner(Runner):
         threads: int | None = None,
         cuda_graph: bool = False,
         optimization: str = "all",
+        ep_options: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.model_path = model_path
@@ -45,18 +53,25 @@ class OrtRunner(Runner):
         self.threads = threads
         self.cuda_graph = cuda_graph
         self.optimization = optimization
+        self.ep_options = dict(ep_options or {})
+        if cuda_graph:
+            check_cuda_graph_request(device, available_providers(), model_path)
+        cuda_provider_options(self.ep_options)  # refuses a bad option now, not at activate
         self.session = None
+        self.fixed_io: FixedIoBinding | None = None
         self.profile_dir: str | None = None
         self.info = RunnerInfo("onnxruntime", device, str(meta.get("precision", "fp32")), model_path,
                                {"backbone": meta.get("backbone"), "threads": threads})
+        if device == "cuda":
+            self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_provider_options(self.ep_options)})
 
     def _providers(self) -> list:
         have = available_providers()
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in have:
                 raise UserError(f"{self.model_path}: ONNX Runtime has no CUDA provider here; {GPU_INSTALL}")
-            opts = {"enable_cuda_graph": "1"} if self.cuda_graph else {}
-            return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+            return [("CUDAExecutionProvider", cuda_provider_options(self.ep_options, self.cuda_graph)),
+                    "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     def session_options(self, profile: bool = False):
@@ -83,23 +98,33 @@ class OrtRunner(Runner):
 
         try:
             self.session = ort.InferenceSession(self.model_path, self.session_options(profile), providers=self._providers())
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for bad files
+            if self.cuda_graph and "graph" in str(exc).lower():
+                raise capture_refusal(self.model_path, exc) from None
             raise UserError(f"{self.model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+        if self.device == "cuda":
+            self.fixed_io = FixedIoBinding(self.session, self.cuda_graph, what=self.model_path)
 
     def deactivate(self) -> None:
+        self.fixed_io = None
         self.session = None
+
+    @property
+    def supports_device_io(self) -> bool:  # type: ignore[override]
+        return self.device == "cuda"
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.device != "cuda":
             outputs = self.session.run(list(OUTPUT_NAMES), feed)
             return dict(zip(OUTPUT_NAMES, outputs))
-        binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in OUTPUT_NAMES:
-            binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return dict(zip(OUTPUT_NAMES, binding.copy_outputs_to_cpu()))
+        return self.fixed_io.run_host(feed)
+
+    def infer_device(self, feed: dict) -> dict:
+        if not self.active or self.fixed_io is None:
+            raise RuntimeError("OrtRunner.infer_device needs device cuda and an open `with` block")
+        return self.fixed_io.run_device(feed)
 
     def profile_stages(self, feed: dict[str, np.ndarray], stage_of: dict[str, str], runs: int = 3) -> dict[str, float]:
         """Seconds per stage per episode, from ONNX Runtime's own profiler (a separate profiling session)."""

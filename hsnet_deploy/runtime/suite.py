@@ -89,7 +89,7 @@ def _tensorrt_status() -> str:
 def stage_profiler(runner: Runner, feed) -> Callable[[Runner], dict[str, float]] | None:
     if isinstance(runner, TorchRunner):
         return lambda r: r.profile_stages(feed)
-    if isinstance(runner, OrtRunner):
+    if isinstance(runner, OrtRunner) and not runner.cuda_graph:  # a replayed graph has no per-node times
         stage_of = stage_of_node(runner.meta)
         return (lambda r: r.profile_stages(feed, stage_of)) if stage_of else None
     return None
