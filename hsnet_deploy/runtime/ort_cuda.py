@@ -239,7 +239,7 @@ class FixedIoBinding:
                 self.session.run_with_iobinding(slot.binding)
             else:
                 self.session.run_with_iobinding(slot.binding, slot.run_options)
-        except Exception as exc:  # noqa: BLE001 - ORT raises untyped errors; a failed capture is the user's to see
+        except Exception as exc:  # ORT raises untyped errors; a failed first capture is the user's to see
             if slot.runs == 0 and self.cuda_graph:
                 raise capture_refusal(self.what, exc) from None
             raise
