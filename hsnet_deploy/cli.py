@@ -281,18 +281,26 @@ def default_artifact(img_size: int) -> Path:
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
 @click.option("--img-size", default=400, show_default=True, help="Image size of the embedded default model.")
 @click.option("--stages/--no-stages", default=True, show_default=True, help="Per-stage time breakdown.")
-@click.option("--cuda-graph", is_flag=True, help="ONNX Runtime CUDA: capture the run in a CUDA graph.")
+@click.option("--cuda-graph", is_flag=True,
+              help="ONNX Runtime CUDA: I/O bound to fixed device buffers, one CUDA graph captured per (B, K).")
+@click.option("--cuda-ep-option", "ep_option", multiple=True, metavar="KEY=VALUE",
+              help="ONNX Runtime CUDA EP option, repeatable: prefer_nhwc=0|1, cudnn_conv_algo_search="
+                   "EXHAUSTIVE|HEURISTIC|DEFAULT, use_tf32=0|1, cudnn_conv_use_max_workspace=0|1.")
 @click.option("--json", "json_path", type=click.Path(), help="Write every figure as JSON too.")
-def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img_size, stages, cuda_graph, json_path):
+def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img_size, stages, cuda_graph, ep_option,
+          json_path):
     """Latency, throughput, memory and per-stage time of each runner, against PyTorch eager in the same run.
 
     With no ARTIFACT: the embedded default (resnet50, SEEDED RANDOM weights, exported on the fly into
     the cache directory), PyTorch eager against every backend available on this machine. Ctrl-C stops
-    and prints what was measured so far.
+    and prints what was measured so far. On a GPU it also runs torch.compile (reduce-overhead, FP16
+    autocast) as the anchor, and times ONNX Runtime CUDA with host I/O and with inputs already on the GPU.
     """
     from hsnet_deploy.console import err, out, progress_bar, table
+    from hsnet_deploy.runtime.ort_cuda import parse_ep_options
     from hsnet_deploy.runtime.suite import run_suite
 
+    ep_options = parse_ep_options(ep_option)
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
         raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
     paths = [Path(a) for a in artifacts] or [default_artifact(img_size)]
@@ -303,7 +311,7 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
 
         suite = run_suite(paths, batch=batch, shots=shots, iters=iters, warmup=warmup, device=device,
                           threads=threads, backbone=backbone, stages=stages, cuda_graph=cuda_graph,
-                          default=not artifacts, on_start=on_start)
+                          default=not artifacts, ep_options=ep_options, on_start=on_start)
     rows = []
     for r in suite.results:
         lat = r.latency_ms or {}
@@ -320,6 +328,14 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     if stage_rows:
         out.print(table("per-stage time (ms per call, from each backend's profiler)", ["runner", *stage_names],
                         stage_rows))
+    io_rows = [(r.label, r.latency_ms.get("p50"), r.device_io_ms.get("p50"), r.latency_ms.get("mean"),
+                r.device_io_ms.get("mean")) for r in suite.results if r.device_io_ms and r.latency_ms]
+    if io_rows:
+        out.print(table("host I/O vs device I/O (inputs already on the GPU), ms per call",
+                        ["runner", "host p50", "device p50", "host mean", "device mean"], io_rows))
+    for r in suite.results:
+        if r.compile_s is not None:
+            out.print(f"{r.label}: compile time {r.compile_s:.1f} s (first call of B={suite.batch} K={suite.shots})")
     if suite.episode_gflop:
         out.print(f"Episode cost {suite.episode_gflop:.1f} GFLOP (PyTorch FlopCounter); this machine's FP32 "
                   f"matmul ran at {suite.matmul_gflop_per_s:.0f} GFLOP/s in the same run.")

@@ -235,3 +235,15 @@ def test_real_cuda_graph_and_device_io_agree_with_host_io(exported):
                 scale = np.abs(ref["logits"]).max()
                 assert np.abs(out["logits"] - ref["logits"]).max() <= 1e-4 * scale
                 assert np.abs(dev["logits"].cpu().numpy() - ref["logits"]).max() <= 1e-4 * scale
+
+
+def test_device_io_latency_times_infer_device_with_the_episode_already_on_the_device(ort):
+    from hsnet_deploy.runtime.bench import device_io_latency
+
+    with OrtRunner("m.onnx", META, "cuda", cuda_graph=True) as runner:
+        runner.fixed_io.tensor_device = "cpu"
+        runs_before = FakeOrtValue.counters.runs
+        lat = device_io_latency(runner, _feed(1, 1, 0), iters=5, warmup=2, device="cpu")
+        assert FakeOrtValue.counters.runs - runs_before == 7
+        assert set(lat) >= {"p50", "mean"} and 0 < lat["min"] <= lat["p50"] <= lat["max"]
+        assert [s.key[0] for s in runner.fixed_io.slots.values()] == ["device"]  # no host buffers were made

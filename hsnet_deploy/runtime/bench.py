@@ -35,6 +35,8 @@ class BenchResult:
     stages_ms: dict[str, float] = field(default_factory=dict)
     gflop_per_s: float | None = None
     speedup_vs_eager: float | None = None
+    device_io_ms: dict[str, float] = field(default_factory=dict)
+    compile_s: float | None = None
     complete: bool = False
     note: str = ""
 
@@ -95,6 +97,8 @@ def bench_runner(
             for _ in range(iters):
                 runner.infer(feed)
                 tick()
+            if runner.supports_device_io:
+                res.device_io_ms = device_io_latency(runner, feed, iters, warmup)
             if stage_profile is not None:
                 res.stages_ms = {s: t * 1e3 for s, t in stage_profile(runner).items()}
             res.complete = True
@@ -108,9 +112,29 @@ def bench_runner(
             res.iters = len(times)
             res.latency_ms = latency_summary(times)
             res.episodes_per_s = b / float(np.mean(times))
+        compile_s = (info.details.get("compile_s") or {}).get((int(b), int(k)))
+        res.compile_s = None if compile_s is None else float(compile_s)
         peak = peak_rss_bytes()
         res.peak_rss_mb = None if peak is None else peak / 2**20
     return res
+
+
+def device_io_latency(runner: Runner, feed: dict[str, np.ndarray], iters: int, warmup: int,
+                      device: str = "cuda") -> dict[str, float]:
+    """Latency of `infer_device` with the episode already on the device: what a caller with GPU
+    pre-processing pays (no host copies), beside `infer`'s host-I/O figure."""
+    tensors = {n: torch.from_numpy(v).to(device) for n, v in feed.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(max(1, warmup)):
+        runner.infer_device(tensors)
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        runner.infer_device(tensors)
+        sync()
+        times.append(time.perf_counter() - start)
+    return latency_summary(times)
 
 
 @dataclass

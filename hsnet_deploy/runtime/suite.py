@@ -23,11 +23,13 @@ from hsnet_deploy.runtime.bench import (
     random_feed,
 )
 from hsnet_deploy.runtime.ort_runner import OrtRunner, available_providers
+from hsnet_deploy.runtime.torch_compile import CompiledTorchRunner
 from hsnet_deploy.runtime.torch_runner import TorchRunner
 
 
 def plan_runners(
-    paths: list[Path], device: str, threads: int | None, backbone: str | None, cuda_graph: bool, default: bool
+    paths: list[Path], device: str, threads: int | None, backbone: str | None, cuda_graph: bool, default: bool,
+    ep_options: dict[str, str] | None = None,
 ) -> tuple[list[Runner], list[str], str, int]:
     """Runners in order (eager baselines first) and the reasons other backends were skipped."""
     arts = [inspect_artifact(p) for p in paths]
@@ -49,6 +51,9 @@ def plan_runners(
     if has_cuda:
         runners.append(TorchRunner(eager_model, "cuda", "fp32", "eager (seeded weights)"))
         runners.append(TorchRunner(eager_model, "cuda", "fp16", "eager (seeded weights)"))
+        # The anchor: what a user gets from one line of PyTorch, without this toolkit.
+        runners.append(CompiledTorchRunner(eager_model, "cuda", "fp16", "reduce-overhead",
+                                           artifact="torch.compile (seeded weights)"))
     elif device == "cuda":
         raise UserError("--device cuda: PyTorch sees no CUDA GPU here")
     providers = available_providers()
@@ -71,7 +76,14 @@ def plan_runners(
                 continue
             if dev == "cpu" and device == "cuda":
                 continue
-            runners.append(OrtRunner(str(art.path), art.meta, dev, threads, cuda_graph and dev == "cuda"))
+            runners.append(OrtRunner(str(art.path), art.meta, dev, threads, cuda_graph and dev == "cuda",
+                                     ep_options=ep_options if dev == "cuda" else None))
+    ort_cuda = [r for r in runners if isinstance(r, OrtRunner) and r.device == "cuda"]
+    if cuda_graph and not ort_cuda:
+        raise UserError("--cuda-graph: CUDA graphs are for ONNX Runtime on CUDA, and this run has no such runner "
+                        f"(device {device}; {', '.join(skipped) or 'no ONNX artifact'})")
+    if ep_options and not ort_cuda:
+        raise UserError("--cuda-ep-option: this run has no ONNX Runtime CUDA runner to take it")
     if default:
         skipped.append(_tensorrt_status())
     return runners, [s for s in skipped if s], base_backbone, img_size
@@ -87,7 +99,7 @@ def _tensorrt_status() -> str:
 
 
 def stage_profiler(runner: Runner, feed) -> Callable[[Runner], dict[str, float]] | None:
-    if isinstance(runner, TorchRunner):
+    if isinstance(runner, TorchRunner) and not isinstance(runner, CompiledTorchRunner):  # compiled: no marks
         return lambda r: r.profile_stages(feed)
     if isinstance(runner, OrtRunner) and not runner.cuda_graph:  # a replayed graph has no per-node times
         stage_of = stage_of_node(runner.meta)
@@ -97,17 +109,21 @@ def stage_profiler(runner: Runner, feed) -> Callable[[Runner], dict[str, float]]
 
 def run_suite(
     paths: list[Path], *, batch: int, shots: int, iters: int, warmup: int, device: str, threads: int | None,
-    backbone: str | None, stages: bool, cuda_graph: bool, default: bool,
+    backbone: str | None, stages: bool, cuda_graph: bool, default: bool, ep_options: dict[str, str] | None = None,
     on_start: Callable[[Runner, int], Callable[[], None]] = lambda r, n: (lambda: None),
 ) -> Suite:
     """Run every planned runner on one random episode; Ctrl-C ends the suite with what was measured."""
     if threads:
         torch.set_num_threads(threads)
-    runners, skipped, base_backbone, img_size = plan_runners(paths, device, threads, backbone, cuda_graph, default)
+    runners, skipped, base_backbone, img_size = plan_runners(paths, device, threads, backbone, cuda_graph, default,
+                                                                ep_options)
     feed = random_feed(batch, shots, img_size)
     suite = Suite(batch, shots, img_size, base_backbone, machine_info(), skipped=skipped)
     if default:
         suite.notes.append("embedded default: resnet50 with SEEDED RANDOM weights")
+    if any(isinstance(r, CompiledTorchRunner) for r in runners):
+        suite.notes.append("torch.compile runs mode=\"reduce-overhead\" under FP16 autocast; its cold call is its "
+                           "compile time")
     suite.notes.append("PyTorch eager baselines use seeded weights of the same backbone (speed does not depend on "
                        "weight values)")
     try:

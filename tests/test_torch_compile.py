@@ -1,0 +1,81 @@
+"""The torch.compile anchor: its runner on the CPU with a tiny model, and its place in a GPU bench plan."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.runtime.bench import random_feed
+from hsnet_deploy.runtime.ort_runner import available_providers
+from hsnet_deploy.runtime.suite import plan_runners
+from hsnet_deploy.runtime.torch_compile import CompiledTorchRunner
+from hsnet_deploy.runtime.torch_runner import TorchRunner
+
+
+class TinyHSNetShape(torch.nn.Module):
+    """HSNet's signature and output shapes in a few ops, so Inductor compiles it in seconds."""
+
+    backbone_name = "tiny"
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, q, s, m):
+        b, k = s.shape[:2]
+        x = self.conv(s.reshape(b * k, *s.shape[2:])).reshape(b, k, 2, *s.shape[-2:])
+        logits = x + self.conv(q)[:, None] * m[:, :, None]
+        return logits, (logits[:, :, 1] > logits[:, :, 0]).float().amax(1)
+
+
+def test_compiled_runner_agrees_with_eager_and_records_compile_time_per_shape():
+    model = TinyHSNetShape().eval()
+    feeds = [random_feed(1, 2, 16, seed=0), random_feed(1, 2, 16, seed=1), random_feed(2, 1, 16, seed=2)]
+    with TorchRunner(model, "cpu") as eager:
+        refs = [eager.infer(f) for f in feeds]
+    # reduce-overhead on the CPU compiles with Inductor and skips the CUDA graphs (they need CUDA)
+    with CompiledTorchRunner(model, "cpu", "fp32", "reduce-overhead") as runner:
+        outs = [runner.infer(f) for f in feeds]
+        assert runner.info.backend == "torch.compile" and runner.info.details["mode"] == "reduce-overhead"
+        assert set(runner.compile_seconds) == {(1, 2), (2, 1)}
+        assert all(t > 0 for t in runner.compile_seconds.values())
+    for out, ref in zip(outs, refs):
+        scale = np.abs(ref["logits"]).max()
+        assert np.abs(out["logits"] - ref["logits"]).max() <= 1e-5 * scale
+        np.testing.assert_array_equal(out["mask"], ref["mask"])
+
+
+def test_compiled_runner_refuses_fp16_on_the_cpu_and_unknown_modes():
+    with pytest.raises(UserError, match="fp16"):
+        CompiledTorchRunner(TinyHSNetShape(), "cpu", "fp16")
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        CompiledTorchRunner(TinyHSNetShape(), "cpu", "fp32", "fast")
+
+
+def test_a_gpu_bench_plan_puts_the_compile_anchor_beside_eager(exported, monkeypatch):
+    """Planning only (nothing runs): with a GPU, eager FP32, eager FP16 and torch.compile FP16 come first."""
+    path, _, _ = exported("resnet50")  # exported before CUDA is faked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    runners, skipped, _, _ = plan_runners([path], "cuda", None, None, False, False)
+    labels = [(r.info.backend, r.device, r.precision) for r in runners[:3]]
+    assert labels == [("pytorch", "cuda", "fp32"), ("pytorch", "cuda", "fp16"), ("torch.compile", "cuda", "fp16")]
+    compiled = runners[2]
+    assert isinstance(compiled, CompiledTorchRunner) and compiled.mode == "reduce-overhead"
+    assert compiled.backend == "inductor" and compiled.model is runners[0].model
+    if "CUDAExecutionProvider" not in available_providers():
+        assert any("onnxruntime-cuda" in line for line in skipped)
+    cpu_plan, _, _, _ = plan_runners([path], "cpu", None, None, False, False)
+    assert not any(isinstance(r, CompiledTorchRunner) for r in cpu_plan)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "cpu", "--cuda-graph"], "--cuda-graph: CUDA graphs are for ONNX Runtime on CUDA"),
+    (["--device", "cpu", "--cuda-ep-option", "prefer_nhwc=1"], "--cuda-ep-option: this run has no ONNX Runtime"),
+    (["--cuda-ep-option", "gpu_mem_limit=1"], "KEY one of prefer_nhwc"),
+])
+def test_bench_refuses_gpu_options_it_cannot_use_with_exit_2(exported, args, message):
+    path, _, _ = exported("resnet50")
+    code, _, err = run_cli("bench", str(path), "--iters", "1", *args)
+    assert code == 2 and message in err and "Traceback" not in err
