@@ -72,10 +72,12 @@ def open_artifact(
     threads: int | None = None,
     precision: str | None = None,
     cuda_graph: bool = False,
+    ep_options: dict[str, str] | None = None,
 ) -> Runner:
     """The runner for `path`. `device` is cpu, cuda or auto (cuda when the backend can use it here).
 
-    `img_size`, when given, must equal the artifact's: H and W are fixed at export.
+    `img_size`, when given, must equal the artifact's: H and W are fixed at export. `cuda_graph` and
+    `ep_options` (CUDA EP options, runtime/ort_cuda.py) apply to ONNX Runtime on CUDA.
     """
     art = inspect_artifact(path)
     if art.kind == "checkpoint":
@@ -113,4 +115,4 @@ def open_artifact(
                 f"{art.path}: optimised by ONNX Runtime {ort_version}, this is {onnxruntime.__version__}; "
                 "rebuild it with `hsnet-deploy build-engine --backend onnxruntime`"
             )
-    return OrtRunner(str(art.path), art.meta, device, threads, cuda_graph)
+    return OrtRunner(str(art.path), art.meta, device, threads, cuda_graph, ep_options=ep_options)
