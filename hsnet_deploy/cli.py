@@ -301,6 +301,9 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     from hsnet_deploy.runtime.suite import run_suite
 
     ep_options = parse_ep_options(ep_option)
+    if device == "cpu" and (cuda_graph or ep_options):  # refused before the default model is exported
+        raise UserError(f"{'--cuda-graph' if cuda_graph else '--cuda-ep-option'}: for ONNX Runtime on CUDA, "
+                        "not --device cpu")
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
         raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
     paths = [Path(a) for a in artifacts] or [default_artifact(img_size)]

@@ -54,6 +54,16 @@ def test_compiled_runner_refuses_fp16_on_the_cpu_and_unknown_modes():
         CompiledTorchRunner(TinyHSNetShape(), "cpu", "fp32", "fast")
 
 
+def test_plan_refuses_gpu_options_without_an_ort_cuda_runner(exported):
+    path, _, _ = exported("resnet50")
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("reason: onnxruntime-gpu is installed, so an ONNX Runtime CUDA runner exists here")
+    with pytest.raises(UserError, match="--cuda-graph: CUDA graphs are for ONNX Runtime on CUDA"):
+        plan_runners([path], "auto", None, None, True, False)
+    with pytest.raises(UserError, match="--cuda-ep-option: this run has no ONNX Runtime CUDA runner"):
+        plan_runners([path], "auto", None, None, False, False, {"prefer_nhwc": "1"})
+
+
 def test_a_gpu_bench_plan_puts_the_compile_anchor_beside_eager(exported, monkeypatch):
     """Planning only (nothing runs): with a GPU, eager FP32, eager FP16 and torch.compile FP16 come first."""
     path, _, _ = exported("resnet50")  # exported before CUDA is faked
@@ -71,8 +81,8 @@ def test_a_gpu_bench_plan_puts_the_compile_anchor_beside_eager(exported, monkeyp
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--device", "cpu", "--cuda-graph"], "--cuda-graph: CUDA graphs are for ONNX Runtime on CUDA"),
-    (["--device", "cpu", "--cuda-ep-option", "prefer_nhwc=1"], "--cuda-ep-option: this run has no ONNX Runtime"),
+    (["--device", "cpu", "--cuda-graph"], "--cuda-graph: for ONNX Runtime on CUDA, not --device cpu"),
+    (["--device", "cpu", "--cuda-ep-option", "prefer_nhwc=1"], "--cuda-ep-option: for ONNX Runtime on CUDA"),
     (["--cuda-ep-option", "gpu_mem_limit=1"], "KEY one of prefer_nhwc"),
 ])
 def test_bench_refuses_gpu_options_it_cannot_use_with_exit_2(exported, args, message):
