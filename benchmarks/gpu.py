@@ -12,11 +12,15 @@ After every runner the figures so far are written to OUT/gpu-<part>.json (atomic
 what was measured; a runner that fails is recorded with its error and the next one runs. --budget-s stops
 starting runners after that many seconds.
 
-On the GPU machine (the ONNX files exported here on torch 2.13 and carried, see gpu.md):
+The ONNX files, made here and carried (gpu.md), seeded weights so the parity figures can be checked:
+    hsnet-deploy export --backbone resnet50 --seed 0 -o .gpu/resnet50-400.onnx
+    hsnet-deploy build-engine .gpu/resnet50-400.onnx --fp16 -o .gpu/resnet50-400-fp16.onnx
+On the GPU machine:
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu.py --out $OUT \\
         --onnx /tmp/stage/resnet50-400.onnx --fp16-onnx /tmp/stage/resnet50-400-fp16.onnx
 The torch part needs no onnxruntime-gpu, so it can run in the background while the wheel travels:
     setsid nohup python3 benchmarks/gpu.py --part torch --out /tmp/gpu-out > /tmp/gpu.log 2>&1 < /dev/null &
+and the last call runs `--part ort --out $OUT` and copies /tmp/gpu-out/gpu-torch.* and /tmp/gpu.log into $OUT.
 CPU dry run (every path that needs no CUDA; CUDA rows are listed as skipped, with the reason):
     python3 benchmarks/gpu.py --device cpu --size 64 --iters 3 --compile-backend eager --out /tmp/gpu-dry
 """
@@ -38,7 +42,7 @@ import torch
 from record import md_table, record
 
 from hsnet_deploy.model import seeded_model
-from hsnet_deploy.runtime.artifact import open_artifact
+from hsnet_deploy.runtime.artifact import inspect_artifact, open_artifact
 from hsnet_deploy.runtime.bench import device_io_latency, latency_summary, random_feed
 from hsnet_deploy.runtime.ort_cuda import CUDA_EP_CHOICES, CUDA_EP_DEFAULTS
 from hsnet_deploy.runtime.torch_compile import CompiledTorchRunner
@@ -175,7 +179,14 @@ def ort_part(matrix: Matrix, model, feeds, args) -> None:
     if onnx_path is None:
         matrix.skip("onnxruntime (all)", "no ONNX model: pass --onnx (export failed here, see errors)")
         return
-    refs = parity_refs(model, feeds, args.device)
+    meta = inspect_artifact(onnx_path).meta
+    if meta.get("weights") == "seeded-random" and int(meta.get("seed", -1)) == SEED \
+            and meta.get("backbone") == args.backbone and int(meta.get("img_size", 0)) == args.size:
+        refs = parity_refs(model, feeds, args.device)
+    else:
+        refs = None
+        matrix.skip("parity figures", f"{onnx_path} is not {args.backbone} {args.size}x{args.size} with seeded "
+                    f"weights (seed {SEED}); latency only")
     variants = [("fp32", onnx_path)] + ([("fp16", args.fp16_onnx)] if args.fp16_onnx else [])
     if not args.fp16_onnx:
         matrix.skip("onnxruntime fp16", "no --fp16-onnx given")
