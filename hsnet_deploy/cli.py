@@ -287,8 +287,10 @@ def default_artifact(img_size: int) -> Path:
               help="ONNX Runtime CUDA EP option, repeatable: prefer_nhwc=0|1, cudnn_conv_algo_search="
                    "EXHAUSTIVE|HEURISTIC|DEFAULT, use_tf32=0|1, cudnn_conv_use_max_workspace=0|1.")
 @click.option("--json", "json_path", type=click.Path(), help="Write every figure as JSON too.")
+@click.option("--report", "report_path", type=click.Path(file_okay=False),
+              help="Write an HTML report with plots to this folder (needs the plot extra).")
 def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img_size, stages, cuda_graph, ep_option,
-          json_path):
+          json_path, report_path):
     """Latency, throughput, memory and per-stage time of each runner, against PyTorch eager in the same run.
 
     With no ARTIFACT: the embedded default (resnet50, SEEDED RANDOM weights, exported on the fly into
@@ -304,6 +306,10 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     if device == "cpu" and (cuda_graph or ep_options):  # refused before the default model is exported
         raise UserError(f"{'--cuda-graph' if cuda_graph else '--cuda-ep-option'}: for ONNX Runtime on CUDA, "
                         "not --device cpu")
+    if report_path:
+        from hsnet_deploy.report import require_plotting
+
+        require_plotting(report_path)
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
         raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
     paths = [Path(a) for a in artifacts] or [default_artifact(img_size)]
@@ -345,6 +351,10 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     for line in suite.notes + suite.skipped:
         err.print(f"[dim]note: {line}[/]")
     write_json(json_path, suite.to_dict())
+    if report_path:
+        from hsnet_deploy.report import write_bench_report
+
+        err.print(f"Report: {write_bench_report(suite.to_dict(), report_path) / 'index.html'}")
     if suite.interrupted:
         err.print("[yellow]Interrupted: the figures above are what was measured before Ctrl-C.[/]")
         sys.exit(130)
@@ -397,8 +407,10 @@ def _artifact_origin(runner) -> tuple[str | None, bool]:
               help="Partial totals, saved atomically as the run goes [default: <json or artifact>.eval-state.json].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its --state file.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON too.")
+@click.option("--report", "report_path", type=click.Path(file_okay=False),
+              help="Write an HTML report with plots to this folder (needs the plot extra).")
 def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, batch, original_size, backbone, device,
-             threads, state_path, resume, json_path):
+             threads, state_path, resume, json_path, report_path):
     """mIoU and FB-IoU on FSS-1000, PASCAL-5i or COCO-20i, exactly by the authors' protocol.
 
     Episodes are sampled as the authors do (legacy NumPy RNG, seed 0); IoU sums intersections and unions
@@ -410,6 +422,12 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     from hsnet_deploy.data.datasets import build_episodes
     from hsnet_deploy.data.evaluate import evaluate
 
+    extremes = None
+    if report_path:
+        from hsnet_deploy.report import ExtremeEpisodes, require_plotting
+
+        require_plotting(report_path)
+        extremes = ExtremeEpisodes()
     if threads:
         import torch
 
@@ -427,7 +445,8 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 
     with runner:
         result = evaluate(predict_fn, eset, batch=batch, img_size=img_size, original_size=original_size,
-                          state_path=state, resume=resume, fingerprint=fingerprint, console=err)
+                          state_path=state, resume=resume, fingerprint=fingerprint, console=err,
+                          on_episode=extremes)
     rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
     out.print(table(f"{dataset} fold {fold}, {shots}-shot, {result.episodes} episodes ({info.label})",
                     ["class", "IoU %"], rows))
@@ -440,8 +459,12 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
               f"{result.episodes / max(result.seconds, 1e-9):.2f} episodes/s")
     for note in result.notes:
         err.print(f"[dim]note: {note}[/]")
-    write_json(json_path, {**result.to_dict(), "runner": info.label, "artifact": str(artifact),
-                           "paper_miou": paper if authors else None})
+    report = {**result.to_dict(), "runner": info.label, "artifact": str(artifact), "paper_miou": paper if authors else None}
+    write_json(json_path, report)
+    if report_path:
+        from hsnet_deploy.report import write_eval_report
+
+        err.print(f"Report: {write_eval_report(report, extremes, report_path) / 'index.html'}")
     Path(state).unlink(missing_ok=True)  # finished: nothing left to resume
 
 

@@ -39,6 +39,7 @@ from hsnet_deploy.data.preprocess import IMG_SIZE
 from hsnet_deploy.errors import UserError
 
 PredictFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+EpisodeHook = Callable[[int, Episode, EpisodeTensors, np.ndarray, tuple[np.ndarray, np.ndarray]], None]
 STATE_FORMAT = "hsnet-deploy-eval-state/1"
 
 
@@ -231,12 +232,15 @@ def evaluate(
     prefetch: int = 2,
     workers: int = 4,
     console: Console | None = None,
+    on_episode: EpisodeHook | None = None,
 ) -> EvalResult:
     """Run every episode through `predict_fn` and score it with the authors' metric.
 
     - `original_size=True` (PASCAL and COCO, the authors' --use_original_imgsize): `predict_fn` must
       return the per-shot logits (B, K, 2, h, w) instead of the mask; IoU is computed at each query's
       own size. Default: the mask (B, S, S), scored at S x S against the nearest-resized query mask.
+    - `on_episode(index, episode, tensors, prediction, (intersection, union))` sees every scored
+      episode (e.g. to keep the best and worst for a report).
     - `fingerprint`: what else identifies the run (artifact hash, backend, precision); it joins the
       dataset settings in the fingerprint a resumed run must match.
     """
@@ -315,8 +319,10 @@ def evaluate(
                     else area_counts(pred, t.query_mask.numpy(), t.query_ignore.numpy())
                     for t, pred in zip(item.tensors, preds)
                 ]
-                for ep, (inter, union) in zip(item.episodes, counts):
+                for offset, (ep, (inter, union)) in enumerate(zip(item.episodes, counts)):
                     acc.add(ep.class_id, inter, union)
+                    if on_episode is not None:
+                        on_episode(item.start + offset, ep, item.tensors[offset], preds[offset], (inter, union))
                 previous, done = done, item.start + len(item.episodes)
                 bar.update(task, completed=done, miou=_fmt(acc))
                 if done // save_every > previous // save_every:

@@ -29,6 +29,7 @@ class BenchResult:
     iters: int = 0
     cold_ms: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
+    times_ms: list[float] = field(default_factory=list)  # every timed call, for distributions
     episodes_per_s: float | None = None
     peak_rss_mb: float | None = None
     device_mem_mb: float | None = None
@@ -111,6 +112,7 @@ def bench_runner(
         if times:
             res.iters = len(times)
             res.latency_ms = latency_summary(times)
+            res.times_ms = [t * 1e3 for t in times]
             res.episodes_per_s = b / float(np.mean(times))
         compile_s = (info.details.get("compile_s") or {}).get((int(b), int(k)))
         res.compile_s = None if compile_s is None else float(compile_s)

@@ -1,0 +1,135 @@
+import builtins
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+from synthetic_datasets import make_fss
+
+from hsnet_deploy.report import ExtremeEpisodes, write_bench_report
+
+pytest.importorskip("matplotlib", reason="the report tests need the plot extra (matplotlib)")
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if attrs.get(key):
+                self.links.append(attrs[key])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _check_folder(folder):
+    """index.html links only files that exist, each PNG decodes; returns (page text, linked files)."""
+    parser = _Links()
+    parser.feed((folder / "index.html").read_text())
+    assert parser.links
+    for link in parser.links:
+        assert not re.match(r"^[a-z]+://", link), f"remote resource {link}"
+        assert (folder / link).is_file(), f"{link} is linked but missing"
+        if link.endswith(".png"):
+            with Image.open(folder / link) as img:
+                img.load()
+                assert img.width > 200 and img.height > 100
+    return " ".join(parser.text), parser.links
+
+
+def test_bench_report_shows_every_runner_and_stage(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    out = tmp_path / "report"
+    code, _, err = run_cli("bench", str(path), "--iters", "3", "--warmup", "1", "--report", str(out),
+                           "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    text, links = _check_folder(out)
+    assert {"latency.png", "stages.png", "speedup.png", "gflops.png", "bench.json"} <= set(links)
+    data = json.loads((out / "bench.json").read_text())
+    assert data == json.loads((tmp_path / "b.json").read_text())
+    for result in data["results"]:
+        assert len(result["times_ms"]) == result["iters"] == 3  # every timed call, not only percentiles
+        assert result["label"] in text
+        for stage in result["stages_ms"]:
+            assert stage in text
+
+
+def test_eval_report_has_class_iou_and_episode_grids(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    root = make_fss(tmp_path / "data")
+    out = tmp_path / "eval-report"
+    code, _, err = run_cli("eval", str(path), "--dataset", "fss", "--data-root", str(root), "--shots", "1",
+                           "--episodes", "6", "--report", str(out))
+    assert code == 0, err
+    text, links = _check_folder(out)
+    assert {"class_iou.png", "fb_iou.png", "eval.json"} <= set(links)
+    result = json.loads((out / "eval.json").read_text())
+    for cid in result["class_iou"]:
+        assert result["class_names"][cid] in text or cid in text or "class_iou.png" in links
+    assert f"{result['miou']:.3g}" in text
+
+
+def test_extreme_episodes_keep_the_lowest_and_highest_iou():
+    keep = ExtremeEpisodes(keep=2)
+    rng = np.random.default_rng(0)
+    ious = [10, 90, 50, 5, 95, 60]
+    for i, iou in enumerate(ious):
+        img = rng.standard_normal((3, 32, 32)).astype(np.float32)
+        mask = np.zeros((32, 32), np.float32)
+        keep.offer(i, f"c{i}", img, img, mask, mask, mask, inter_fg=iou, union_fg=100)
+    keep.offer(99, "empty", img, img, mask, mask, mask, inter_fg=0, union_fg=0)  # no IoU: skipped
+    assert [r["iou"] for r in keep.worst()] == [5, 10]
+    assert [r["iou"] for r in keep.best()] == [95, 90]
+    assert keep.best()[0]["query"].shape == (128, 128, 3) and keep.best()[0]["gt"].dtype == np.uint8
+
+
+def test_report_refuses_without_matplotlib_before_any_work(exported, tmp_path, monkeypatch):
+    path, _, _ = exported("resnet50")
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code, _, err = run_cli("bench", str(path), "--iters", "2", "--report", str(tmp_path / "r"))
+    assert code == 2 and "matplotlib" in err and "[plot]" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_never_overwrites_a_folder_that_is_not_a_report(tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    code, _, err = run_cli("bench", "--iters", "1", "--report", str(target))
+    assert code == 2 and "not empty" in err
+    assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_report_leaves_the_previous_one(tmp_path, monkeypatch):
+    suite = {"backbone": "resnet50", "img_size": 64, "batch": 1, "shots": 1, "machine": {"cpu": "x"},
+             "results": [{"label": "r", "artifact": "m.onnx", "times_ms": [1.0, 2.0], "iters": 2,
+                          "latency_ms": {"mean": 1.5, "p50": 1.5, "p99": 2.0}, "stages_ms": {}, "episodes_per_s": 1}]}
+    out = tmp_path / "rep"
+    write_bench_report(suite, out)
+    before = (out / "index.html").read_text()
+
+    from hsnet_deploy.report import figures
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "latency_distribution", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_bench_report(suite, out)
+    assert (out / "index.html").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folder left behind
