@@ -3,9 +3,11 @@ TensorRT builder and a GPU exist, a real engine compared with ONNX Runtime on th
 
 from __future__ import annotations
 
+import enum
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import INPUT_NAMES
-from hsnet_deploy.runtime.trt_build import (
-    build_engine,
-    cuda_device_info,
-    profile_shapes,
-    read_onnx_spec,
-    sidecar_path,
-    version_tuple,
-)
+from hsnet_deploy.runtime.trt_build import build_engine, profile_shapes, read_onnx_spec
+from hsnet_deploy.runtime.trt_common import cuda_device_info, sidecar_path, version_tuple
 from hsnet_deploy.runtime.trt_runner import TensorRTRunner, check_engine_compatible, check_feed_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +125,7 @@ META = {"tensorrt_version": "10.13.0.35", "compute_capability": "9.0", "gpu_name
 def test_trt_modules_import_without_loading_tensorrt_or_cuda():
     code = (
         "import sys\n"
-        "import hsnet_deploy.runtime.trt_build, hsnet_deploy.runtime.trt_runner\n"
+        "import hsnet_deploy.runtime.trt_build, hsnet_deploy.runtime.trt_common, hsnet_deploy.runtime.trt_runner\n"
         "heavy = {'tensorrt', 'tensorrt_lean', 'tensorrt_bindings', 'tensorrt_libs', 'cuda'}\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not loaded, loaded\n"
@@ -170,8 +166,20 @@ def test_build_engine_refuses_missing_onnx_and_wrong_io_names(tmp_path):
     with pytest.raises(UserError, match="absent.onnx: no such ONNX file"):
         build_engine(tmp_path / "absent.onnx", tmp_path / "x.plan", **args)
     wrong = write_tiny_onnx(tmp_path / "wrong.onnx", names=("image", "support_imgs", "support_masks"))
-    with pytest.raises(UserError, match="missing query_img"):
+    with pytest.raises(UserError, match=r"wrong.onnx: inputs \['image'.* are not HSNet's"):
         build_engine(wrong, tmp_path / "x.plan", **args)
+    assert not (tmp_path / "x.plan").exists()
+
+
+def test_read_onnx_spec_refuses_a_model_without_metadata_or_with_a_dynamic_size(tmp_path):
+    bare = write_tiny_onnx(tmp_path / "bare.onnx", props={})
+    with pytest.raises(UserError, match="without hsnet-deploy metadata"):
+        read_onnx_spec(bare)
+    model = onnx.load(str(write_tiny_onnx(tmp_path / "dyn.onnx")))
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    onnx.save(model, str(tmp_path / "dyn.onnx"))
+    with pytest.raises(UserError, match="H and W must be fixed at export"):
+        read_onnx_spec(tmp_path / "dyn.onnx")
 
 
 def test_read_onnx_spec_reads_fixed_size_and_decodes_metadata(tmp_path):
@@ -534,3 +542,246 @@ def test_version_compatible_engine_runs_and_matches(tmp_path):
     feed = random_feed(1, 2, seed=7)
     with TensorRTRunner(tmp_path / "vc.plan", meta) as runner:
         assert_matches_reference(runner.infer(feed), ort_reference(onnx_path, feed))
+
+
+# --------------------------------------------------------------------------- the builder's steps, faked
+
+
+class FakeConfig:
+    """Records the flags, pool limits, profiles and timing cache the builder sets."""
+
+    def __init__(self, cache_accepts: bool = True) -> None:
+        self.flags: set[str] = {"TF32"}  # both majors enable TF32 by default
+        self.pools: dict[str, int] = {}
+        self.profiles: list[dict] = []
+        self.cache_accepts = cache_accepts
+        self.cache: bytes | None = None
+        self.cache_loaded_from: list[bytes] = []
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+    def clear_flag(self, flag):
+        self.flags.discard(flag)
+
+    def set_memory_pool_limit(self, pool, size):
+        self.pools[pool] = size
+
+    def add_optimization_profile(self, profile):
+        self.profiles.append(profile.shapes)
+
+    def create_timing_cache(self, data):
+        self.cache_loaded_from.append(bytes(data))
+        return bytes(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False  # a mismatched cache must be refused, never used
+        if cache and not self.cache_accepts:
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return types.SimpleNamespace(serialize=lambda: (self.cache or b"") + b"+timed")
+
+
+class FakeParserError:
+    def __init__(self, index: int, named: bool) -> None:
+        if named:
+            self.node_name = lambda: f"/layer{index}/Conv"
+            self.node_operator = lambda: "Conv"
+        self.node = lambda: index
+        self.desc = lambda: f"unsupported thing {index}"
+
+
+def fake_tensorrt_builder(version: str = "10.13.0.35", *, strongly_typed: bool = True, tf32: bool = True,
+                          parse_errors: int = 0, named_errors: bool = True, build_fails: bool = False,
+                          cache_accepts: bool = True):
+    """The slice of the TensorRT builder API that trt_build uses, recording every call on `trt.calls`."""
+    calls: dict = {"parser_flags": set(), "parsed": None, "network_flags": None}
+
+    creation = {"STRONGLY_TYPED": 1} if strongly_typed else {}
+    builder_flags = {"VERSION_COMPATIBLE": "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME": "EXCLUDE_LEAN_RUNTIME"}
+    if tf32:
+        builder_flags["TF32"] = "TF32"
+
+    class ILogger:
+        Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
+
+        def __init__(self) -> None:
+            pass
+
+    class Profile:
+        def __init__(self) -> None:
+            self.shapes: dict = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Builder:
+        def __init__(self, logger) -> None:
+            self.logger = logger
+
+        def create_network(self, flags):
+            calls["network_flags"] = flags
+            return "network"
+
+        def create_builder_config(self):
+            calls["config"] = FakeConfig(cache_accepts)
+            return calls["config"]
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if build_fails:
+                self.logger.log(ILogger.Severity.ERROR, "out of workspace")
+                return None
+            return b"plan:" + repr(sorted(config.flags)).encode()
+
+    class OnnxParser:
+        def __init__(self, network, logger) -> None:
+            self.num_errors = 0
+
+        def set_flag(self, flag):
+            calls["parser_flags"].add(flag)
+
+        def parse_from_file(self, path):
+            calls["parsed"] = path
+            self.num_errors = parse_errors
+            return parse_errors == 0
+
+        def get_error(self, i):
+            return FakeParserError(i, named_errors)
+
+    return types.SimpleNamespace(
+        __version__=version, calls=calls, Builder=Builder, OnnxParser=OnnxParser, ILogger=ILogger,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(**creation),
+        BuilderFlag=types.SimpleNamespace(**builder_flags),
+        OnnxParserFlag=types.SimpleNamespace(NATIVE_INSTANCENORM="NATIVE_INSTANCENORM"),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+    )
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """build_engine(...) against a fake tensorrt on a fake GPU; returns (run, onnx path)."""
+    from hsnet_deploy.runtime import trt_build
+
+    monkeypatch.setattr(trt_build, "cuda_device_info", lambda: ("Fake GPU", "8.9"))
+    onnx_path = write_tiny_onnx(tmp_path / "tiny.onnx")
+
+    def run(trt, out="tiny.plan", **kwargs):
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        args = {"max_batch": 4, "max_shots": 5, "opt_batch": 2, "opt_shots": 1, "workspace_gib": 0.5,
+                "timing_cache_path": None, **kwargs}
+        return build_engine(onnx_path, tmp_path / out, **args)
+
+    return run, onnx_path
+
+
+@pytest.mark.parametrize(
+    ("version", "has_flag", "expected"),
+    [("10.13.0.35", True, 1 << 1), ("11.4.0.106", True, 1 << 1), ("11.4.0.106", False, 0)],
+)
+def test_network_is_strongly_typed_on_10x_and_11x(version, has_flag, expected):
+    from hsnet_deploy.runtime.trt_build import strongly_typed_flags
+
+    assert strongly_typed_flags(fake_tensorrt_builder(version, strongly_typed=has_flag)) == expected
+
+
+def test_a_10x_without_strong_typing_is_refused():
+    from hsnet_deploy.runtime.trt_build import strongly_typed_flags
+
+    with pytest.raises(UserError, match=r"TensorRT 10.3.0 has no strongly typed networks.*>= 10.12"):
+        strongly_typed_flags(fake_tensorrt_builder("10.3.0", strongly_typed=False))
+
+
+def test_tf32_is_cleared_unless_asked_and_a_missing_flag_only_matters_when_asked():
+    from hsnet_deploy.runtime.trt_build import set_tf32
+
+    trt = fake_tensorrt_builder()
+    off, on = FakeConfig(), FakeConfig()
+    set_tf32(trt, off, False)
+    set_tf32(trt, on, True)
+    assert "TF32" not in off.flags and "TF32" in on.flags
+    without = fake_tensorrt_builder("12.0.0", tf32=False)
+    set_tf32(without, FakeConfig(), False)  # nothing to clear: fine
+    with pytest.raises(UserError, match="no BuilderFlag.TF32"):
+        set_tf32(without, FakeConfig(), True)
+
+
+def test_parser_error_text_names_the_node_or_its_index():
+    from hsnet_deploy.runtime.trt_build import parser_error_text
+
+    assert parser_error_text(FakeParserError(3, named=True)) == "node '/layer3/Conv' (Conv): unsupported thing 3"
+    assert parser_error_text(FakeParserError(4, named=False)) == "node #4: unsupported thing 4"
+
+
+def test_build_sets_strong_typing_workspace_no_tf32_and_one_profile_over_b_and_k(fake_build, tmp_path):
+    run, onnx_path = fake_build
+    trt = fake_tensorrt_builder()
+    meta = run(trt)
+    config = trt.calls["config"]
+    assert trt.calls["network_flags"] == 1 << 1
+    assert trt.calls["parsed"] == str(onnx_path.resolve())
+    assert config.pools == {"WORKSPACE": 1 << 29}
+    assert config.flags == set()  # TF32 cleared; not version compatible
+    assert config.profiles == [profile_shapes(SIZE, SIZE, max_batch=4, max_shots=5, opt_batch=2, opt_shots=1)]
+    assert config.profiles[0]["support_masks"] == ((1, 1, SIZE, SIZE), (2, 1, SIZE, SIZE), (4, 5, SIZE, SIZE))
+    plan = (tmp_path / "tiny.plan").read_bytes()
+    assert plan == b"plan:[]"
+    assert json.loads(sidecar_path(tmp_path / "tiny.plan").read_text()) == meta
+    import hashlib
+
+    assert meta["plan_sha256"] == hashlib.sha256(plan).hexdigest() and meta["plan_bytes"] == len(plan)
+    assert meta["profile"] == {"batch": [1, 2, 4], "shots": [1, 1, 5]} and meta["input_hw"] == [SIZE, SIZE]
+    assert (meta["tensorrt_version"], meta["gpu_name"], meta["compute_capability"]) == (
+        "10.13.0.35", "Fake GPU", "8.9")
+    assert meta["backbone"] == "tiny-test" and meta["tf32"] is False and meta["version_compatible"] is False
+
+
+def test_version_compatible_build_embeds_the_lean_runtime_and_uses_native_instancenorm(fake_build):
+    run, _ = fake_build
+    trt = fake_tensorrt_builder("11.4.0.106", strongly_typed=False)
+    meta = run(trt, version_compatible=True, tf32=True)
+    config = trt.calls["config"]
+    assert trt.calls["network_flags"] == 0  # 11.x: strongly typed without the flag
+    assert config.flags == {"VERSION_COMPATIBLE", "TF32"}  # EXCLUDE_LEAN_RUNTIME cleared
+    assert trt.calls["parser_flags"] == {"NATIVE_INSTANCENORM"}
+    assert meta["version_compatible"] is True and meta["tf32"] is True
+
+
+def test_timing_cache_is_created_then_reused_and_a_stale_one_replaced(fake_build, tmp_path, capsys):
+    run, _ = fake_build
+    cache = tmp_path / "caches" / "trt.cache"
+    first = fake_tensorrt_builder()
+    run(first, timing_cache_path=cache)
+    assert first.calls["config"].cache_loaded_from == [b""] and cache.read_bytes() == b"+timed"
+    second = fake_tensorrt_builder()
+    run(second, out="again.plan", timing_cache_path=cache)
+    assert second.calls["config"].cache_loaded_from == [b"+timed"]  # the first build's cache, reused
+    assert cache.read_bytes() == b"+timed+timed"
+    stale = fake_tensorrt_builder(cache_accepts=False)
+    run(stale, out="stale.plan", timing_cache_path=cache)
+    assert stale.calls["config"].cache_loaded_from == [b"+timed+timed", b""]
+    assert "timing cache does not fit this TensorRT/GPU" in capsys.readouterr().err
+    assert cache.read_bytes() == b"+timed"
+
+
+def test_parse_failure_names_file_version_and_each_node_and_writes_nothing(fake_build, tmp_path):
+    run, _ = fake_build
+    with pytest.raises(UserError) as info:
+        run(fake_tensorrt_builder(parse_errors=2))
+    message = str(info.value)
+    assert "tiny.onnx: TensorRT 10.13.0.35 cannot parse the model" in message
+    assert "node '/layer0/Conv' (Conv): unsupported thing 0; node '/layer1/Conv' (Conv): unsupported thing 1" in message
+    assert not (tmp_path / "tiny.plan").exists() and not sidecar_path(tmp_path / "tiny.plan").exists()
+
+
+def test_build_failure_quotes_tensorrt_errors_and_writes_nothing(fake_build, tmp_path, capsys):
+    run, _ = fake_build
+    with pytest.raises(RuntimeError, match="failed to build .*tiny.onnx: out of workspace"):
+        run(fake_tensorrt_builder(build_fails=True), timing_cache_path=tmp_path / "c.cache")
+    assert "[TensorRT] ERROR: out of workspace" in capsys.readouterr().err
+    assert not (tmp_path / "tiny.plan").exists() and not (tmp_path / "c.cache").exists()

@@ -5,12 +5,14 @@ always strongly typed and no precision flag or calibrator is ever set: TensorRT 
 10.x gives the same engine through the same path. The plan is written unmodified (trtexec and other
 loaders read it as is); its metadata goes to the sidecar `<plan>.json` (docs/contract.md).
 
-`tensorrt` and `cuda` are imported inside functions only: importing this module costs nothing on a
-machine without them.
+`build_engine` is a sequence of small steps (network, parse, config, profile, timing cache, build,
+sidecar), each one testable against a fake `tensorrt` module. `tensorrt` is imported inside functions
+only: importing this module costs nothing on a machine without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +21,6 @@ from types import ModuleType
 
 from hsnet_deploy.artifacts import (
     check_output_path,
-    props_to_meta,
     sha256_file,
     tool_versions,
     write_bytes_atomic,
@@ -27,23 +28,16 @@ from hsnet_deploy.artifacts import (
 )
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES
-
-TRT_INSTALL = 'pip install "hsnet-deploy[tensorrt]" (tensorrt + cuda-python, on a machine with an NVIDIA GPU)'
-TRT_LEAN_INSTALL = 'pip install "hsnet-deploy[tensorrt-lean]"  (tensorrt-lean-cu13 + cuda-python)'
-BUILDER_NOTE = (
-    "the TensorRT builder libraries (tensorrt-cu13-libs / -cu12-libs) download from NVIDIA's own servers, "
-    "which this project's machines cannot reach, so engines are built elsewhere"
+from hsnet_deploy.runtime.trt_common import (
+    BUILDER_NOTE,
+    TRT_INSTALL,
+    cuda_device_info,
+    make_logger,
+    sidecar_path,
+    version_tuple,
 )
-CUDA_INSTALL = "pip install cuda-python"
 
-
-def sidecar_path(engine_path: str | os.PathLike) -> Path:
-    """`model.plan` -> `model.plan.json`: the plan stays byte-for-byte what TensorRT wrote."""
-    path = Path(engine_path)
-    return path.with_name(path.name + ".json")
-
-
-# --------------------------------------------------------------------------- lazy imports
+# --------------------------------------------------------------------------- lazy import
 
 
 def import_tensorrt() -> ModuleType:
@@ -61,74 +55,6 @@ def import_tensorrt() -> ModuleType:
             f"install the full package with {TRT_INSTALL}. Note: {BUILDER_NOTE}."
         )
     return trt
-
-
-def import_cudart() -> ModuleType | None:
-    """cuda-python's runtime bindings, or None when cuda-python is absent."""
-    try:
-        from cuda.bindings import runtime  # cuda-python >= 12.6 (the only name in 13.x)
-
-        return runtime
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart  # older cuda-python 11.x / 12.x
-
-        return cudart
-    except ImportError:
-        return None
-
-
-def cuda_check(result: tuple) -> object:
-    """Unpack a cuda-python `(cudaError_t, value...)` tuple, raising on any error."""
-    err, *rest = result
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA call failed: {err!r}")
-    return rest[0] if len(rest) == 1 else (tuple(rest) or None)
-
-
-def cuda_device_info() -> tuple[str, str]:
-    """(name, compute capability like "9.0") of the current CUDA device: what a plan is tied to.
-
-    cuda-python first (the declared dependency), torch.cuda as a fallback; UserError when no GPU is visible.
-    """
-    rt = import_cudart()
-    if rt is not None:
-        try:
-            device = cuda_check(rt.cudaGetDevice())
-            props = cuda_check(rt.cudaGetDeviceProperties(device))
-            name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-            return name.rstrip("\x00").strip(), f"{props.major}.{props.minor}"
-        except RuntimeError:
-            pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return torch.cuda.get_device_name(), f"{major}.{minor}"
-    except ImportError:
-        pass
-    hint = "" if rt is not None else f" (for device buffers also: {CUDA_INSTALL})"
-    raise UserError(f"no CUDA GPU is visible to this process; TensorRT needs one{hint}")
-
-
-def make_logger(trt: ModuleType) -> object:
-    """A TensorRT logger that prints warnings to stderr and keeps errors, so messages can quote them."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity: object, msg: str) -> None:
-            level = int(severity)  # INTERNAL_ERROR=0 < ERROR < WARNING < INFO < VERBOSE
-            if level <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-            if level <= int(trt.ILogger.Severity.WARNING):
-                print(f"[TensorRT] {severity.name}: {msg}", file=sys.stderr)
-
-    return _Logger()
 
 
 # --------------------------------------------------------------------------- TensorRT 10 vs 11
@@ -208,34 +134,29 @@ class OnnxSpec:
 
 
 def read_onnx_spec(onnx_path: str | os.PathLike) -> OnnxSpec:
-    """Check the contract's I/O names and read H, W and metadata_props without loading external weights."""
+    """The model's metadata (through runtime.artifact.read_onnx_meta, the one reader), its fixed H and W,
+    and the contract's output names, without loading external weights."""
     import onnx
+
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
 
     path = Path(onnx_path)
     if not path.is_file():
         raise UserError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise UserError(f"{path}: not a readable ONNX model ({exc})") from None
-    graph = model.graph
-    initializers = {init.name for init in graph.initializer}
-    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    meta = read_onnx_meta(path)  # readable, hsnet-deploy metadata, the contract's inputs
+    graph = onnx.load(str(path), load_external_data=False).graph
     outputs = {o.name for o in graph.output}
-    missing = [n for n in INPUT_NAMES if n not in inputs] + [n for n in OUTPUT_NAMES if n not in outputs]
+    missing = [n for n in OUTPUT_NAMES if n not in outputs]
     if missing:
-        raise UserError(
-            f"{path}: missing {', '.join(missing)}; expected inputs {', '.join(INPUT_NAMES)} "
-            f"and outputs {', '.join(OUTPUT_NAMES)} (got {sorted(inputs)} -> {sorted(outputs)})"
-        )
-    dims = inputs["query_img"].type.tensor_type.shape.dim
+        raise UserError(f"{path}: missing output {', '.join(missing)}; expected {', '.join(OUTPUT_NAMES)} "
+                        f"(got {sorted(outputs)})")
+    dims = next(i for i in graph.input if i.name == "query_img").type.tensor_type.shape.dim
     if len(dims) != 4:
         raise UserError(f"{path}: query_img has rank {len(dims)}, expected (B, 3, H, W)")
     height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:])
     if height <= 0 or width <= 0:
         raise UserError(f"{path}: query_img H and W must be fixed at export, got {dims[2]} x {dims[3]}")
-    props = {p.key: p.value for p in model.metadata_props}
-    return OnnxSpec(height=height, width=width, meta=props_to_meta(props))
+    return OnnxSpec(height=height, width=width, meta=meta)
 
 
 def profile_shapes(
@@ -254,25 +175,10 @@ def profile_shapes(
     return {name: (lo[name], opt[name], hi[name]) for name in INPUT_NAMES}
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.13.0.35' -> (10, 13, 0, 35); non-numeric tails (rc, post) are dropped."""
-    parts = []
-    for piece in str(version).split("."):
-        digits = len(piece) - len(piece.lstrip("0123456789"))
-        if not digits:
-            break
-        parts.append(int(piece[:digits]))
-        if digits < len(piece):
-            break
-    return tuple(parts)
-
-
-# --------------------------------------------------------------------------- the build
-
-
-def _check_build_args(
+def check_build_args(
     max_batch: int, max_shots: int, opt_batch: int, opt_shots: int, workspace_gib: float
 ) -> None:
+    """Refuse a profile or workspace TensorRT would reject, before any file is read."""
     for flag, lo, value, hi in (
         ("--max-batch", 1, max_batch, None),
         ("--max-shots", 1, max_shots, None),
@@ -286,7 +192,37 @@ def _check_build_args(
         raise UserError(f"--workspace {workspace_gib}: must be a positive number of GiB")
 
 
-def _attach_timing_cache(trt: ModuleType, config: object, path: Path | None) -> object | None:
+# --------------------------------------------------------------------------- the build, step by step
+
+
+def parse_onnx(trt: ModuleType, network: object, logger: object, onnx_path: str | os.PathLike,
+               *, version_compatible: bool = False, config: object = None) -> object:
+    """Fill `network` from the ONNX file; a parse failure names the file, TensorRT's version and each node."""
+    parser = trt.OnnxParser(network, logger)
+    if version_compatible:
+        set_version_compatible(trt, config, parser)
+    # parse_from_file resolves external-data weights relative to the ONNX file.
+    if not parser.parse_from_file(str(Path(onnx_path).resolve())):
+        errors = "; ".join(parser_error_text(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse the model: {errors}")
+    return parser
+
+
+def configure(trt: ModuleType, config: object, *, workspace_gib: float, tf32: bool) -> None:
+    """Workspace limit and TF32; nothing else: precision comes from the strongly typed network."""
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    set_tf32(trt, config, tf32)
+
+
+def add_profile(builder: object, config: object, shapes: dict) -> None:
+    """One optimisation profile over B and K (H and W are fixed)."""
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+
+def attach_timing_cache(config: object, path: Path | None) -> object | None:
     """Load the timing cache (if any) so rebuilds skip kernel timing; a stale one starts fresh."""
     if path is None:
         return None
@@ -299,6 +235,48 @@ def _attach_timing_cache(trt: ModuleType, config: object, path: Path | None) -> 
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
+
+
+def save_timing_cache(config: object, path: Path) -> None:
+    """Write the cache the build filled (atomically: a concurrent build never reads half a cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, memoryview(config.get_timing_cache().serialize()))
+
+
+def build_plan(trt: ModuleType, builder: object, network: object, config: object, logger: object,
+               onnx_path: str | os.PathLike) -> memoryview:
+    """The serialized plan, or a RuntimeError quoting TensorRT's last errors."""
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        detail = "; ".join(logger.errors[-5:]) or "see the TensorRT log above"
+        raise RuntimeError(f"TensorRT {trt.__version__} failed to build {onnx_path}: {detail}")
+    return memoryview(plan)
+
+
+def plan_meta(spec: OnnxSpec, onnx_path: str | os.PathLike, plan: memoryview, *, trt_version: str,
+              gpu: tuple[str, str], version_compatible: bool, tf32: bool, batch: tuple[int, int, int],
+              shots: tuple[int, int, int], workspace_gib: float) -> dict:
+    """The sidecar: the ONNX's metadata plus what the plan is tied to (TensorRT version, GPU, profile)."""
+    meta = dict(spec.meta)
+    meta.setdefault("img_size", spec.height)
+    onnx_tools = meta.get("tool_versions") if isinstance(meta.get("tool_versions"), dict) else {}
+    meta.update(
+        artifact="tensorrt-plan",
+        source_onnx=Path(onnx_path).name,
+        source_onnx_sha256=sha256_file(onnx_path),
+        tensorrt_version=trt_version,
+        gpu_name=gpu[0],
+        compute_capability=gpu[1],
+        version_compatible=bool(version_compatible),
+        tf32=bool(tf32),
+        profile={"batch": list(batch), "shots": list(shots)},
+        input_hw=[spec.height, spec.width],
+        workspace_gib=workspace_gib,
+        plan_bytes=plan.nbytes,
+        plan_sha256=hashlib.sha256(plan).hexdigest(),
+        tool_versions={**onnx_tools, **tool_versions(tensorrt=trt_version)},
+    )
+    return meta
 
 
 def build_engine(
@@ -317,75 +295,36 @@ def build_engine(
     """Build a TensorRT plan from a contract ONNX model; write the plan and `<out>.json`; return the sidecar.
 
     B and K are dynamic through one optimisation profile; H and W come from the ONNX. With
-    `version_compatible` the plan runs on later TensorRT versions and on the 44 MB lean runtime
+    `version_compatible` the plan runs on later TensorRT versions and on the lean runtime
     (tensorrt-lean-cu13), at some speed cost. Both files are written atomically.
     """
-    _check_build_args(max_batch, max_shots, opt_batch, opt_shots, workspace_gib)
+    check_build_args(max_batch, max_shots, opt_batch, opt_shots, workspace_gib)
     spec = read_onnx_spec(onnx_path)
     out = check_output_path(out_path)
     check_output_path(sidecar_path(out))
     cache_path = Path(timing_cache_path) if timing_cache_path is not None else None
     trt = import_tensorrt()
-    gpu_name, compute_capability = cuda_device_info()
+    gpu = cuda_device_info()
     shapes = profile_shapes(spec.height, spec.width, max_batch=max_batch, max_shots=max_shots,
                             opt_batch=opt_batch, opt_shots=opt_shots)
 
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(strongly_typed_flags(trt))
-    parser = trt.OnnxParser(network, logger)
     config = builder.create_builder_config()
-    if version_compatible:
-        set_version_compatible(trt, config, parser)
-    # parse_from_file resolves external-data weights relative to the ONNX file.
-    if not parser.parse_from_file(str(Path(onnx_path).resolve())):
-        errors = "; ".join(parser_error_text(parser.get_error(i)) for i in range(parser.num_errors))
-        raise UserError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse the model: {errors}")
-
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    set_tf32(trt, config, tf32)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache = _attach_timing_cache(trt, config, cache_path)
-
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        detail = "; ".join(logger.errors[-5:]) or "see the TensorRT log above"
-        raise RuntimeError(f"TensorRT {trt.__version__} failed to build {onnx_path}: {detail}")
+    parse_onnx(trt, network, logger, onnx_path, version_compatible=version_compatible, config=config)
+    configure(trt, config, workspace_gib=workspace_gib, tf32=tf32)
+    add_profile(builder, config, shapes)
+    cache = attach_timing_cache(config, cache_path)
+    plan = build_plan(trt, builder, network, config, logger, onnx_path)
     if cache is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+        save_timing_cache(config, cache_path)
 
-    plan_bytes = memoryview(plan)
-    meta = dict(spec.meta)
-    meta.setdefault("img_size", spec.height)
-    onnx_tools = meta.get("tool_versions") if isinstance(meta.get("tool_versions"), dict) else {}
-    meta.update(
-        artifact="tensorrt-plan",
-        source_onnx=Path(onnx_path).name,
-        source_onnx_sha256=sha256_file(onnx_path),
-        tensorrt_version=trt.__version__,
-        gpu_name=gpu_name,
-        compute_capability=compute_capability,
-        version_compatible=bool(version_compatible),
-        tf32=bool(tf32),
-        profile={"batch": [1, opt_batch, max_batch], "shots": [1, opt_shots, max_shots]},
-        input_hw=[spec.height, spec.width],
-        workspace_gib=workspace_gib,
-        plan_bytes=plan_bytes.nbytes,
-        plan_sha256=_sha256(plan_bytes),
-        tool_versions={**onnx_tools, **tool_versions(tensorrt=trt.__version__)},
-    )
+    meta = plan_meta(spec, onnx_path, plan, trt_version=trt.__version__, gpu=gpu,
+                     version_compatible=version_compatible, tf32=tf32, batch=(1, opt_batch, max_batch),
+                     shots=(1, opt_shots, max_shots), workspace_gib=workspace_gib)
     # Plan first, sidecar second: an interruption in between leaves a sidecar whose plan_sha256 no
     # longer matches, which the runner reports instead of running a plan with the wrong metadata.
-    write_bytes_atomic(out, plan_bytes)
+    write_bytes_atomic(out, plan)
     write_json_atomic(sidecar_path(out), meta)
     return meta
-
-
-def _sha256(data: memoryview) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

@@ -17,7 +17,7 @@ import numpy as np
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES, Runner, RunnerInfo
-from hsnet_deploy.runtime.trt_build import (
+from hsnet_deploy.runtime.trt_common import (
     BUILDER_NOTE,
     CUDA_INSTALL,
     TRT_INSTALL,
