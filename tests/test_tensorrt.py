@@ -785,3 +785,126 @@ def test_build_failure_quotes_tensorrt_errors_and_writes_nothing(fake_build, tmp
         run(fake_tensorrt_builder(build_fails=True), timing_cache_path=tmp_path / "c.cache")
     assert "[TensorRT] ERROR: out of workspace" in capsys.readouterr().err
     assert not (tmp_path / "tiny.plan").exists() and not (tmp_path / "c.cache").exists()
+
+
+# --------------------------------------------------------------------------- the runner's two device-memory backends
+
+
+def fake_cudart(fail_malloc: bool = False):
+    """cuda-python's runtime API as (error, value) tuples over host blocks, so _CudaPythonMemory runs here."""
+    import ctypes
+
+    blocks: dict[int, np.ndarray] = {}
+    log: list[str] = []
+
+    class Stream:  # cudaStream_t: an opaque handle whose int() is the address TensorRT gets
+        def __int__(self) -> int:
+            return 77
+
+    stream_1 = Stream()
+
+    def malloc(nbytes):
+        if fail_malloc:
+            return (2, 0)  # cudaErrorMemoryAllocation
+        block = np.zeros(nbytes, np.uint8)
+        blocks[block.ctypes.data] = block
+        return (0, block.ctypes.data)
+
+    def free(ptr):
+        del blocks[ptr]
+        return (0,)
+
+    def memcpy(dst, src, nbytes, kind, stream):
+        assert stream is stream_1
+        log.append(kind)
+        ctypes.memmove(dst, src, nbytes)
+        return (0,)
+
+    def record(name, *result):
+        def call(*args):
+            log.append(name)
+            return (0, *result)
+
+        return call
+
+    return types.SimpleNamespace(
+        blocks=blocks, log=log, cudaMalloc=malloc, cudaFree=free, cudaMemcpyAsync=memcpy,
+        cudaStreamCreate=record("create", stream_1), cudaStreamSynchronize=record("sync"),
+        cudaStreamDestroy=record("destroy"),
+        cudaMemcpyKind=types.SimpleNamespace(cudaMemcpyHostToDevice="h2d", cudaMemcpyDeviceToHost="d2h"),
+    )
+
+
+def fake_cuda_torch():
+    """torch with "cuda" tensors and streams mapped to the CPU, so _TorchMemory's copies run here."""
+    import contextlib
+
+    import torch
+
+    class Stream:
+        cuda_stream = 1234
+        synced = 0
+
+        def synchronize(self):
+            Stream.synced += 1
+
+    cuda = types.SimpleNamespace(Stream=Stream, stream=lambda s: contextlib.nullcontext(),
+                                 is_available=lambda: True)
+    return types.SimpleNamespace(
+        empty=lambda n, dtype, device: torch.empty(n, dtype=dtype), uint8=torch.uint8,
+        from_numpy=torch.from_numpy, cuda=cuda,
+    ), Stream
+
+
+def _round_trip(memory) -> np.ndarray:
+    host = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    ptr = memory.malloc(host.nbytes + 64)  # capacity larger than the copy, as after a buffer grows
+    memory.h2d(ptr, host)
+    back = np.zeros_like(host)
+    memory.d2h(back, ptr)
+    memory.synchronize()
+    memory.free(ptr)
+    memory.close()
+    return back
+
+
+def test_cuda_python_memory_copies_both_ways_on_its_stream_and_frees(monkeypatch):
+    from hsnet_deploy.runtime import trt_runner
+
+    rt = fake_cudart()
+    monkeypatch.setattr(trt_runner, "import_cudart", lambda: rt)
+    memory = trt_runner._device_memory()
+    assert type(memory).__name__ == "_CudaPythonMemory" and memory.stream_handle == 77
+    np.testing.assert_array_equal(_round_trip(memory), np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    assert rt.log == ["create", "h2d", "d2h", "sync", "destroy"] and not rt.blocks
+    memory.close()  # a second close is harmless
+    assert rt.log.count("destroy") == 1
+
+
+def test_cuda_python_memory_raises_the_cuda_error():
+    from hsnet_deploy.runtime.trt_runner import _CudaPythonMemory
+
+    with pytest.raises(RuntimeError, match="CUDA call failed: 2"):
+        _CudaPythonMemory(fake_cudart(fail_malloc=True)).malloc(16)
+
+
+def test_torch_memory_is_the_fallback_without_cuda_python_and_copies_both_ways(monkeypatch):
+    from hsnet_deploy.runtime import trt_runner
+
+    fake_torch, stream = fake_cuda_torch()
+    monkeypatch.setattr(trt_runner, "import_cudart", lambda: None)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    memory = trt_runner._device_memory()
+    assert type(memory).__name__ == "_TorchMemory" and memory.stream_handle == 1234
+    np.testing.assert_array_equal(_round_trip(memory), np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    assert stream.synced == 1 and not memory._tensors
+
+
+def test_no_device_memory_backend_says_what_to_install(monkeypatch):
+    from hsnet_deploy.runtime import trt_runner
+
+    monkeypatch.setattr(trt_runner, "import_cudart", lambda: None)
+    cpu_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", cpu_torch)
+    with pytest.raises(UserError, match=r"device buffers from cuda-python \(pip install cuda-python\)"):
+        trt_runner._device_memory()
