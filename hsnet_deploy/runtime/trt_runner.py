@@ -150,7 +150,7 @@ def check_feed_shapes(
 
 
 def import_trt_runtime() -> tuple[ModuleType, bool]:
-    """(`tensorrt`, False), or (`tensorrt_lean`, True) when only the 44 MB lean runtime is installed."""
+    """(`tensorrt`, False), or (`tensorrt_lean`, True) when only the lean runtime is installed."""
     try:
         import tensorrt as trt
 
