@@ -505,6 +505,88 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
                   + (f", overlay {r['overlay']}" if "overlay" in r else ""))
     write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "results": records})
 
+@cli.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Model replicas.")
+@click.option("--gpus-per-replica", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="GPUs each replica reserves (fractions share a GPU).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Episodes batched into one call (1 = no batching); capped by a plan's profile.")
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="How long a replica waits to fill a batch.")
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. ray://head:10001 or head:6379) "
+              "instead of starting a local Ray.")
+@click.option("--max-shots", default=10, show_default=True, type=click.IntRange(1),
+              help="Largest K a support set may have (a plan's profile caps it).")
+@click.option("--max-sets", default=1000, show_default=True, type=click.IntRange(1),
+              help="Support sets kept (least recently used evicted).")
+@click.option("--max-store-mb", default=512.0, show_default=True, type=click.FloatRange(0.001),
+              help="Memory the kept support sets may take.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest request body (413 above).")
+@click.option("--max-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1),
+              help="Largest width x height of one uploaded image or mask (413 above).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (and Ray CPUs) per replica [default: 1 Ray CPU, "
+              "all threads].")
+@click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
+def serve(artifact, host, port, replicas, gpus_per_replica, max_batch, batch_wait_ms, address, max_shots, max_sets,
+          max_store_mb, max_upload_mb, max_pixels, device, threads, backbone):
+    """Serve segmentation over HTTP on Ray Serve (extra: pip install -e ".[serve]").
+
+    \b
+    POST /support-sets  multipart: K `image` + K `mask` files   -> {"id": ...}
+    POST /segment       multipart: `image` file + `support_set` -> mask PNG (0/255, query size)
+                        ?format=json -> {"height", "width", "foreground_fraction", "rle"}
+    GET  /health, GET /info
+    Bad requests get JSON {"error": ...} with 400/404/413; a request in flight on a replica that dies gets a
+    retriable 503. Without --address a local Ray is started; Ctrl-C stops the service.
+    """
+    from hsnet_deploy.console import err
+    from hsnet_deploy.runtime.artifact import inspect_artifact
+    from hsnet_deploy.serve.launch import run_service
+    from hsnet_deploy.serve.store import SupportSetStore
+
+    inspect_artifact(artifact)  # a missing or damaged file is an Error now, not a failing replica later
+    SupportSetStore(max_sets, int(max_store_mb * 2**20))
+    from hsnet_deploy.serve.config import ServeConfig
+
+    config = ServeConfig(str(Path(artifact).resolve()), device, backbone, threads, max_batch, batch_wait_ms,
+                         max_shots, max_sets, max_store_mb, max_upload_mb, max_pixels)
+    run_service(config, host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                address=address, say=lambda m: err.print(m, highlight=False))
+
+
+@cli.command("triton-repo")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Repository folder; the model goes to OUTPUT/hsnet/.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1),
+              help="Triton's max_batch_size (B); a plan's profile caps it.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Where the instances run (instance_group kind).")
+@click.option("--accelerator", type=click.Choice(["tensorrt", "cuda", "none"]), default="tensorrt",
+              show_default=True, help="ONNX models: ONNX Runtime's GPU execution accelerator in Triton.")
+@click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(0),
+              help="dynamic_batching: longest wait to fill a batch.")
+def triton_repo(artifact, output, max_batch, instances, kind, accelerator, queue_delay_us):
+    """Write a model repository for NVIDIA Triton Inference Server (OUTPUT/hsnet/config.pbtxt + 1/model.*).
+
+    An ONNX model is served by Triton's ONNX Runtime backend, a TensorRT plan by its TensorRT backend (on the
+    GPU it was built for). Start the server with NVIDIA's container, see README.
+    """
+    from hsnet_deploy.console import out
+    from hsnet_deploy.serve.triton import write_triton_repo
+
+    repo = write_triton_repo(artifact, output, max_batch=max_batch, instances=instances, kind=kind,
+                             accelerator=accelerator if kind == "gpu" else "none", queue_delay_us=queue_delay_us)
+    out.print(f"[green]Wrote[/] {repo.config_path} and {repo.model_path} ({repo.platform}, max_batch_size "
+              f"{repo.max_batch_size})", highlight=False)
+
+
 def main() -> None:
     """Entry point: UserError -> `Error: ...` exit 2; failed gate -> exit 1; anything else -> exit 1, no traceback
     unless HSNET_DEPLOY_DEBUG is set."""

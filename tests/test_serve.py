@@ -1,0 +1,294 @@
+"""`hsnet-deploy serve` end to end on a local Ray cluster: a real HTTP client against the CLI's service.
+
+One Ray instance and one service for the module (Ray's start-up dominates): the test process starts Ray,
+the CLI joins it with --address (the cluster path), listens on 127.0.0.1 only, and the tests kill a model
+replica through the same cluster. Every request loop is bounded in requests and time.
+"""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the `serve` extra: pip install -e '.[serve]'")
+requests = pytest.importorskip("requests", reason="the HTTP client of these tests")
+pytest.importorskip("multipart", reason="Starlette's form parser: pip install python-multipart")
+
+from hsnet_deploy.serve.uploads import rle_decode  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_SHOTS, MAX_SETS, MAX_UPLOAD_MB, MAX_PIXELS = 3, 4, 1, 200_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Query and support images of different sizes (not the model's 64), masks as 0/255 PNGs."""
+    folder = tmp_path_factory.mktemp("serve-files")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for i, (w, h) in enumerate([(80, 60), (100, 90), (70, 70), (90, 50)]):
+        yy, xx = np.mgrid[:h, :w]
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        fg = ((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2 <= 1
+        img[fg] = (img[fg] // 4 + np.array([180, 60, 40])).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i}.png")
+        Image.fromarray(fg.astype(np.uint8) * 255).save(folder / f"mask{i}.png")
+        paths[i] = (folder / f"img{i}.png", folder / f"mask{i}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def service(exported, tmp_path_factory):
+    """(base URL, artifact path): the CLI serving the 64x64 export, joined to this process's Ray cluster."""
+    artifact = Path(os.environ["DEVTMP"]) if os.environ.get("DEVTMP") else exported("resnet50")[0]  # DEVTMP
+    context = ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "hsnet_deploy", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port),
+           "--address", context.address_info["gcs_address"], "--max-batch", "4", "--batch-wait-ms", "50",
+           "--max-shots", str(MAX_SHOTS), "--max-sets", str(MAX_SETS), "--max-upload-mb", str(MAX_UPLOAD_MB),
+           "--max-pixels", str(MAX_PIXELS), "--threads", "1"]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"serve exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the application still deploying
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"serve did not answer /health within 240 s:\n{log.read_text()[-3000:]}")
+        yield url, artifact
+    finally:
+        proc.send_signal(2)  # SIGINT: the CLI removes its application from the cluster
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        ray.shutdown()
+
+
+def register(url, pairs) -> requests.Response:
+    fields = []
+    for img, mask in pairs:
+        fields += [("image", (Path(img).name, Path(img).read_bytes(), "image/png")),
+                   ("mask", (Path(mask).name, Path(mask).read_bytes(), "image/png"))]
+    return requests.post(f"{url}/support-sets", files=fields, timeout=60)
+
+
+def segment(url, set_id, image: bytes, fmt: str | None = None, timeout: float = 120) -> requests.Response:
+    params = {"format": fmt} if fmt else None
+    return requests.post(f"{url}/segment", params=params, files={"image": ("q.png", image, "image/png")},
+                         data={"support_set": set_id}, timeout=timeout)
+
+
+def png_mask(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.array(Image.open(io.BytesIO(response.content)))
+
+
+@pytest.fixture(scope="module")
+def predicted(service, files, tmp_path_factory):
+    """`predict`'s masks (the CLI, in this process) for queries 2 and 3 against 1-shot and 2-shot sets."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("predict")
+    masks = {}
+    for shots in (1, 2):
+        support_args = [a for i in range(shots) for a in ("--support", str(files[i][0]), str(files[i][1]))]
+        for q in (2, 3):
+            code, _, err = run_cli("predict", str(service[1]), "--query", str(files[q][0]), *support_args,
+                                   "--device", "cpu", "-o", str(out / f"k{shots}-q{q}.png"))
+            assert code == 0, err
+            masks[shots, q] = np.array(Image.open(out / f"k{shots}-q{q}.png"))
+    return masks
+
+
+def test_health_and_info(service):
+    url, artifact = service
+    assert requests.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+    info = requests.get(f"{url}/info", timeout=30).json()
+    assert info["backend"] == "onnxruntime" and info["precision"] == "fp32" and info["img_size"] == 64
+    assert info["metadata"]["backbone"] == "resnet50"
+    assert info["batching"]["max_batch"] == 4 and info["limits"]["max_shots"] == MAX_SHOTS
+    assert info["store"]["max_sets"] == MAX_SETS and "mb" in info["store"]
+
+
+def test_segment_equals_predict(service, files, predicted):
+    url = service[0]
+    for shots in (1, 2):
+        reply = register(url, [files[i] for i in range(shots)])
+        assert reply.status_code == 201, reply.text
+        set_id = reply.json()["id"]
+        assert reply.json()["shots"] == shots
+        for q in (2, 3):
+            image = files[q][0].read_bytes()
+            mask = png_mask(segment(url, set_id, image))
+            expected = predicted[shots, q]
+            assert mask.shape == expected.shape == Image.open(files[q][0]).size[::-1]
+            np.testing.assert_array_equal(mask, expected)
+            assert 0 < (mask > 0).mean() < 1  # a non-trivial mask, so the comparison means something
+            as_json = segment(url, set_id, image, "json").json()
+            assert (as_json["height"], as_json["width"]) == expected.shape
+            np.testing.assert_array_equal(rle_decode(as_json["rle"]) * 255, expected)
+            assert as_json["foreground_fraction"] == pytest.approx((expected > 0).mean())
+
+
+def test_concurrent_requests_batched_per_shots(service, files, predicted):
+    """Concurrent 1-shot and 2-shot queries (grouped by K inside a batch), with bad requests among them:
+    every good request gets predict's mask, every bad one its own error."""
+    url = service[0]
+    ids = {k: register(url, [files[i] for i in range(k)]).json()["id"] for k in (1, 2)}
+    jobs = [("good", k, q) for k in (1, 2) for q in (2, 3)] * 2 + [("bad-image", 1, 2), ("bad-id", 2, 3)] * 2
+    results = [None] * len(jobs)
+
+    def run(i, job):
+        kind, k, q = job
+        image = b"\x89PNG broken" if kind == "bad-image" else files[q][0].read_bytes()
+        results[i] = segment(url, "no-such-set" if kind == "bad-id" else ids[k], image)
+
+    threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    for (kind, k, q), reply in zip(jobs, results, strict=True):
+        assert reply is not None
+        if kind == "good":
+            np.testing.assert_array_equal(png_mask(reply), predicted[k, q])
+        else:
+            assert reply.status_code == (400 if kind == "bad-image" else 404)
+            assert "error" in reply.json()
+
+
+def test_bad_requests_get_status_and_json_error(service, files):
+    url = service[0]
+    img, mask = files[0]
+    ok_id = register(url, [files[0]]).json()["id"]
+
+    def expect(reply, status, text):
+        assert reply.status_code == status, reply.text
+        assert reply.headers["content-type"].startswith("application/json")
+        assert text in reply.json()["error"], reply.json()
+
+    expect(segment(url, ok_id, b"definitely not an image"), 400, "cannot read")
+    expect(register(url, [(img, files[1][1])]), 400, "mask 1 is 100x90 but image 1 is 80x60")
+    expect(register(url, [files[0]] * (MAX_SHOTS + 1)), 400, f"K = {MAX_SHOTS + 1}")
+    expect(segment(url, "0123456789abcdef", img.read_bytes()), 404, "unknown support set")
+    big = np.random.default_rng(1).integers(0, 255, (700, 700, 3), dtype=np.uint8)  # ~1.5 MB as PNG
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    assert len(buf.getvalue()) > MAX_UPLOAD_MB * 2**20
+    expect(segment(url, ok_id, buf.getvalue()), 413, "over the server's limit")
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 400)).save(buf, format="PNG")  # small file, 240000 pixels
+    expect(segment(url, ok_id, buf.getvalue()), 413, "240000 pixels")
+    expect(requests.post(f"{url}/segment", files={"image": ("q.png", img.read_bytes())}, timeout=30), 400,
+           "support_set")
+    expect(requests.post(f"{url}/segment", data={"x": "1"}, timeout=30), 400, "support_set")
+    expect(segment(url, ok_id, img.read_bytes(), "gif"), 400, "format='gif'")
+    expect(requests.get(f"{url}/nowhere", timeout=30), 404, "Not Found")
+    # the service is unharmed
+    assert segment(url, ok_id, img.read_bytes()).status_code == 200
+
+
+def test_lru_eviction_is_a_404_that_says_so(service, files):
+    url = service[0]
+    first = register(url, [files[0]]).json()["id"]
+    for _ in range(MAX_SETS):
+        assert register(url, [files[1]]).status_code == 201
+    reply = segment(url, first, files[2][0].read_bytes())
+    assert reply.status_code == 404 and "evicted" in reply.json()["error"]
+    store = requests.get(f"{url}/info", timeout=30).json()["store"]
+    assert store["sets"] == MAX_SETS and store["evictions"] >= 1
+
+
+def test_killed_replica_is_replaced_and_no_wrong_answer(service, files, predicted):
+    """Queries stream while the model replica is killed: each answer is predict's mask or a retriable 503,
+    and the service answers again once Ray Serve has started a new replica."""
+    from ray import serve
+
+    url = service[0]
+    set_id = register(url, [files[0]]).json()["id"]
+    expected = predicted[1, 2]
+    image = files[2][0].read_bytes()
+    replies, stop = [], threading.Event()
+
+    def client():
+        deadline = time.monotonic() + 120
+        for _ in range(60):  # bounded in requests and time
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                replies.append(segment(url, set_id, image, timeout=60))
+            except requests.RequestException as exc:  # a dropped connection is no answer at all, never a wrong one
+                replies.append(exc)
+
+    handle = serve.get_deployment_handle("HSNetModel", app_name="hsnet")
+
+    def replica() -> dict | None:
+        try:
+            return handle.replica.remote().result(timeout_s=10)
+        except Exception:  # noqa: BLE001 - none alive yet
+            return None
+
+    before = replica()
+    assert before is not None
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        now = replica()
+        if now is not None and now["actor_id"] != before["actor_id"]:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("Ray Serve did not start a new replica within 180 s")
+    recovered = None
+    while time.monotonic() < deadline:
+        reply = segment(url, set_id, image)
+        if reply.status_code == 200:
+            recovered = reply
+            break
+        assert reply.status_code == 503 and reply.headers.get("Retry-After"), reply.text
+        time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert recovered is not None, "the service did not answer after the replica was replaced"
+    np.testing.assert_array_equal(png_mask(recovered), expected)
+    answered = [r for r in replies if not isinstance(r, Exception)]
+    assert answered
+    print("statuses while the replica was killed:", sorted(r.status_code for r in answered),
+          "dropped:", len(replies) - len(answered))
+    for reply in answered:
+        if reply.status_code == 200:
+            np.testing.assert_array_equal(png_mask(reply), expected)
+        else:
+            assert reply.status_code == 503 and reply.headers.get("Retry-After"), (reply.status_code, reply.text)
+            assert "retry" in reply.json()["error"]

@@ -1,0 +1,107 @@
+"""The serving pieces that need no Ray: the support-set store, upload checks, RLE, the lazy import."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hsnet_deploy.serve import uploads
+from hsnet_deploy.serve.store import SetNotFound, SupportSet, SupportSetStore
+
+LIMITS = uploads.Limits(max_upload_bytes=1 << 20, max_pixels=200_000, max_shots=3)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def a_set(k: int = 1, size: int = 8) -> SupportSet:
+    return SupportSet(np.zeros((k, 3, size, size), np.float32), np.zeros((k, size, size), np.float32))
+
+
+def test_store_evicts_least_recently_used_by_count():
+    store = SupportSetStore(max_sets=2, max_bytes=1 << 30)
+    a, b = store.add(a_set()), store.add(a_set())
+    store.get(a)  # a is now the most recently used: b goes first
+    c = store.add(a_set())
+    with pytest.raises(SetNotFound) as info:
+        store.get(b)
+    assert info.value.evicted and "evicted" in str(info.value)
+    assert store.get(a) is not None and store.get(c) is not None
+    with pytest.raises(SetNotFound) as info:
+        store.get("never-registered")
+    assert not info.value.evicted and "unknown" in str(info.value)
+    assert store.stats()["sets"] == 2 and store.stats()["evictions"] == 1
+
+
+def test_store_bounded_in_bytes():
+    one = a_set(k=2).nbytes
+    store = SupportSetStore(max_sets=100, max_bytes=int(2.5 * one))
+    ids = [store.add(a_set(k=2)) for _ in range(5)]
+    stats = store.stats()
+    assert stats["sets"] == 2 and stats["bytes"] == 2 * one <= store.max_bytes
+    assert [i for i in ids if i in store._sets] == ids[-2:]
+    with pytest.raises(ValueError, match="more than the store"):
+        SupportSetStore(max_sets=1, max_bytes=one - 1).add(a_set(k=2))
+
+
+def test_rle_round_trip_and_coco_order():
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((7, 5)) > 0.5, np.ones((3, 4)), np.zeros((2, 2)), np.eye(4)):
+        mask = mask.astype(np.uint8)
+        encoded = uploads.rle(mask)
+        assert sum(encoded["counts"]) == mask.size and encoded["size"] == list(mask.shape)
+        np.testing.assert_array_equal(uploads.rle_decode(encoded), mask)
+    # column-major, background first: [[0, 1], [0, 1]] -> two background pixels (column 0), then two foreground
+    assert uploads.rle(np.array([[0, 1], [0, 1]], np.uint8))["counts"] == [2, 2]
+    assert uploads.rle(np.array([[1, 0], [1, 0]], np.uint8))["counts"] == [0, 2, 2]
+
+
+def test_uploads_refuse_with_status():
+    img = png(np.full((20, 30, 3), 100, np.uint8))
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:20] = 255
+    cases = [
+        (([b"not an image"], [png(mask)]), 400, "image 1: cannot read"),
+        (([img], [png(np.zeros((21, 30), np.uint8))]), 400, "mask 1 is 30x21 but image 1 is 30x20"),
+        (([img] * 4, [png(mask)] * 4), 400, "K = 4"),
+        (([img], []), 400, "1 `image` fields but 0 `mask`"),
+        (([png(np.zeros((500, 500, 3), np.uint8))], [png(np.zeros((500, 500), np.uint8))]), 413, "250000 pixels"),
+        (([img], [png(np.full((20, 30), 7, np.uint8))]), 400, "mask values go up to 7"),
+    ]
+    for (images, masks), status, text in cases:
+        with pytest.raises(uploads.RequestError) as info:
+            uploads.support_set(images, masks, 16, LIMITS)
+        assert info.value.status == status and text in info.value.message, info.value.message
+    support, empty = uploads.support_set([img, img], [png(mask), png(np.zeros((20, 30), np.uint8))], 16, LIMITS)
+    assert support.images.shape == (2, 3, 16, 16) and support.masks.shape == (2, 16, 16) and empty == [2]
+
+
+def test_cli_and_help_work_without_ray():
+    """`import hsnet_deploy`, `--help` and `serve --help` never import Ray; `serve` without it says how to
+    install it (exit 2), and triton-repo needs neither Ray nor Triton."""
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from click.testing import CliRunner\n"
+        "import hsnet_deploy, hsnet_deploy.cli as c\n"
+        "r = CliRunner().invoke(c.cli, ['--help']); assert r.exit_code == 0 and 'serve' in r.output, r.output\n"
+        "r = CliRunner().invoke(c.cli, ['serve', '--help']); assert r.exit_code == 0 and '--replicas' in r.output\n"
+        "assert 'ray' not in {m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_serve_without_ray_is_an_error(tmp_path):
+    from hsnet_deploy.serve.launch import import_ray
+
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from hsnet_deploy.serve.launch import import_ray\n"
+            "try:\n    import_ray()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("UserError") and 'pip install -e ".[serve]"' in out
+    assert callable(import_ray)
