@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray", reason="Ray Serve is the `serve` extra: pip ins
 requests = pytest.importorskip("requests", reason="the HTTP client of these tests")
 pytest.importorskip("multipart", reason="Starlette's form parser: pip install python-multipart")
 
-from hsnet_deploy.serve.uploads import rle_decode  # noqa: E402
+from hsnet_deploy.serve.uploads import rle_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SHOTS, MAX_SETS, MAX_UPLOAD_MB, MAX_PIXELS = 3, 4, 1, 200_000
@@ -127,7 +127,7 @@ def predicted(service, files, tmp_path_factory):
 
 
 def test_health_and_info(service):
-    url, artifact = service
+    url, _artifact = service
     assert requests.get(f"{url}/health", timeout=30).json()["status"] == "ok"
     info = requests.get(f"{url}/info", timeout=30).json()
     assert info["backend"] == "onnxruntime" and info["precision"] == "fp32" and info["img_size"] == 64
@@ -185,7 +185,7 @@ def test_concurrent_requests_batched_per_shots(service, files, predicted):
 
 def test_bad_requests_get_status_and_json_error(service, files):
     url = service[0]
-    img, mask = files[0]
+    img, _mask = files[0]
     ok_id = register(url, [files[0]]).json()["id"]
 
     def expect(reply, status, text):

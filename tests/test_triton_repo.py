@@ -1,0 +1,90 @@
+"""`hsnet-deploy triton-repo`: each config.pbtxt parses into Triton's own ModelConfig protobuf (tritonclient)
+and its inputs, outputs and batching match the artifact."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+from conftest import EXPORT_SIZE, run_cli
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="Triton's ModelConfig schema: pip install 'tritonclient[grpc]'")
+from google.protobuf import text_format
+
+
+def parse(path) -> "model_config_pb2.ModelConfig":
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def by_name(entries) -> dict:
+    return {e.name: e for e in entries}
+
+
+def test_onnx_repo_parses_and_matches_the_artifact(exported, tmp_path):
+    artifact = exported("resnet50")[0]
+    code, _out, err = run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "repo"), "--max-batch", "6",
+                             "--instances", "2")
+    assert code == 0, err
+    model_dir = tmp_path / "repo" / "hsnet"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == artifact.read_bytes()
+    config = parse(model_dir / "config.pbtxt")
+    assert config.name == "hsnet" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 6
+    graph = onnx.load(str(artifact), load_external_data=False).graph
+    fp32 = model_config_pb2.DataType.Value("TYPE_FP32")
+    s = EXPORT_SIZE
+    expected = {"query_img": [3, s, s], "support_imgs": [-1, 3, s, s], "support_masks": [-1, s, s],
+                "logits": [-1, 2, s, s], "mask": [s, s]}
+    tensors = {**by_name(config.input), **by_name(config.output)}
+    assert set(by_name(config.input)) == {i.name for i in graph.input}
+    assert set(by_name(config.output)) == {o.name for o in graph.output}
+    for value in list(graph.input) + list(graph.output):
+        onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        assert onnx_dims[0] == -1  # B: Triton's batch dim, left out of dims
+        assert list(tensors[value.name].dims) == onnx_dims[1:] == expected[value.name]
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and tensors[value.name].data_type == fp32
+    assert list(config.dynamic_batching.preferred_batch_size) == [3, 6]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    group = config.instance_group[0]
+    assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
+    accel = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP32"
+
+
+def test_cuda_and_cpu_variants(exported, tmp_path):
+    artifact = exported("resnet50")[0]
+    assert run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "cuda"), "--accelerator", "cuda")[0] == 0
+    accel = parse(tmp_path / "cuda" / "hsnet" / "config.pbtxt").optimization.execution_accelerators
+    assert accel.gpu_execution_accelerator[0].name == "cuda"
+    assert run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "cpu"), "--kind", "cpu")[0] == 0
+    config = parse(tmp_path / "cpu" / "hsnet" / "config.pbtxt")
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_plan_repo_takes_the_profile_batch(exported, tmp_path):
+    """A plan (bytes never opened here) with its sidecar: tensorrt_plan, B capped by the profile."""
+    onnx_path = exported("resnet50")[0]
+    plan = tmp_path / "hsnet.plan"
+    plan.write_bytes(b"not really a plan: Triton loads it, we only copy it")
+    shutil.copyfile(onnx_path, tmp_path / "hsnet.onnx")
+    meta = {"img_size": EXPORT_SIZE, "precision": "fp16", "source_onnx": "hsnet.onnx", "artifact": "tensorrt-plan",
+            "profile": {"batch": [1, 1, 4], "shots": [1, 1, 5]}}
+    (tmp_path / "hsnet.plan.json").write_text(json.dumps(meta))
+    code, _, err = run_cli("triton-repo", str(plan), "-o", str(tmp_path / "repo"), "--max-batch", "4")
+    assert code == 0, err
+    config = parse(tmp_path / "repo" / "hsnet" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
+    assert (tmp_path / "repo" / "hsnet" / "1" / "model.plan").read_bytes() == plan.read_bytes()
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+    code, _, err = run_cli("triton-repo", str(plan), "-o", str(tmp_path / "repo2"), "--max-batch", "8")
+    assert code == 2 and "built for B up to 4" in err and not (tmp_path / "repo2" / "hsnet" / "config.pbtxt").exists()
+
+
+def test_refuses_what_triton_cannot_serve(tmp_path):
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"PK\x03\x04 zip-like")
+    code, _, err = run_cli("triton-repo", str(ckpt), "-o", str(tmp_path / "repo"))
+    assert code == 2 and "export this checkpoint" in err
+    code, _, err = run_cli("triton-repo", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "repo"))
+    assert code == 2 and "not found" in err
