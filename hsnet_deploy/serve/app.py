@@ -62,6 +62,12 @@ class HSNetModel:
 
         self.runner = open_artifact(config.artifact, config.device, config.backbone, threads=config.threads)
         self.runner.__enter__()
+        if self.runner.info.backend != "pytorch":
+            import torch
+
+            # torch only upsamples the logits here: one thread (the runner has its own pool; a second pool
+            # contending with it slowed that small step many-fold on a busy machine)
+            torch.set_num_threads(1)
         meta = getattr(self.runner, "meta", None) or {}
         self.img_size = int(meta.get("img_size", 400))
         self.max_batch = batch_limit(self.runner, config.max_batch)
