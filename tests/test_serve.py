@@ -54,7 +54,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(exported, tmp_path_factory):
     """(base URL, artifact path): the CLI serving the 64x64 export, joined to this process's Ray cluster."""
-    artifact = Path(os.environ["DEVTMP"]) if os.environ.get("DEVTMP") else exported("resnet50")[0]  # DEVTMP
+    artifact = exported("resnet50")[0]
     context = ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", log_to_driver=False)
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
@@ -256,10 +256,13 @@ def test_killed_replica_is_replaced_and_no_wrong_answer(service, files, predicte
 
     before = replica()
     assert before is not None
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    threads = [threading.Thread(target=client) for _ in range(6)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    flowing = time.monotonic() + 60
+    while not replies and time.monotonic() < flowing:  # kill once answers flow: requests are then in flight
+        time.sleep(0.1)
+    time.sleep(0.3)
     ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -25,7 +25,8 @@ from hsnet_deploy.serve.store import SetNotFound, SupportSetStore
 
 # A replica that died (or is being replaced) surfaces as one of these; the client may simply retry.
 RETRIABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-             ray.exceptions.WorkerCrashedError, serve.exceptions.BackPressureError)
+             ray.exceptions.WorkerCrashedError, serve.exceptions.BackPressureError,
+             serve.exceptions.ReplicaUnavailableError, serve.exceptions.DeploymentUnavailableError)
 RETRY_AFTER_S = 1
 
 
