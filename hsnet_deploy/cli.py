@@ -547,10 +547,8 @@ def serve(artifact, host, port, replicas, gpus_per_replica, max_batch, batch_wai
     from hsnet_deploy.console import err
     from hsnet_deploy.runtime.artifact import inspect_artifact
     from hsnet_deploy.serve.launch import run_service
-    from hsnet_deploy.serve.store import SupportSetStore
 
     inspect_artifact(artifact)  # a missing or damaged file is an Error now, not a failing replica later
-    SupportSetStore(max_sets, int(max_store_mb * 2**20))
     from hsnet_deploy.serve.config import ServeConfig
 
     config = ServeConfig(str(Path(artifact).resolve()), device, backbone, threads, max_batch, batch_wait_ms,

@@ -105,3 +105,17 @@ def test_serve_without_ray_is_an_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("UserError") and 'pip install -e ".[serve]"' in out
     assert callable(import_ray)
+
+
+def test_port_in_use_is_refused_before_ray_starts():
+    import socket
+
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.serve.launch import check_port_free
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=f"--port {port}: cannot listen there"):
+            check_port_free("127.0.0.1", port)

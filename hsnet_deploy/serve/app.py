@@ -187,9 +187,9 @@ class HSNetAPI:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         try:
-            return await Request(request.scope, replay).form(max_files=2 * limits.max_shots + 2)
+            return await Request(request.scope, replay).form(max_files=4 * limits.max_shots + 4)
         except Exception as exc:  # noqa: BLE001 - Starlette's MultiPartException and malformed bodies
-            raise uploads.RequestError(400, f"not a multipart/form-data body ({exc})") from None
+            raise uploads.RequestError(400, f"multipart/form-data body refused: {getattr(exc, 'message', exc)}") from None
 
     def refuse(self, exc: uploads.RequestError) -> JSONResponse:
         self.requests["errors_4xx"] += 1
