@@ -185,9 +185,17 @@ def main() -> None:
         for batch in (args.max_batch, 1):
             threads = max(1, args.cores // replicas)
             with tempfile.TemporaryDirectory() as tmp:
-                server = Server(artifact, replicas, batch, threads, Path(tmp) / "serve.log")
+                for attempt in range(3):  # Ray gives its raylet 30 s to register: a busy machine can miss that
+                    server = Server(artifact, replicas, batch, threads, Path(tmp) / "serve.log")
+                    try:
+                        server.wait_ready()
+                        break
+                    except RuntimeError as exc:
+                        server.stop()
+                        print(f"start {attempt + 1} failed: {str(exc)[-300:]}", flush=True)
+                else:
+                    raise RuntimeError("serve did not start in 3 attempts")
                 try:
-                    server.wait_ready()
                     reply = requests.post(f"{server.url}/support-sets", timeout=120, files=[
                         ("image", ("s.png", support, "image/png")), ("mask", ("m.png", mask, "image/png"))])
                     set_id = reply.json()["id"]
