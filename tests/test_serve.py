@@ -159,8 +159,12 @@ def test_segment_equals_predict(service, files, predicted):
 def test_concurrent_requests_batched_per_shots(service, files, predicted):
     """Concurrent 1-shot and 2-shot queries (grouped by K inside a batch), with bad requests among them:
     every good request gets predict's mask, every bad one its own error."""
+    from ray import serve
+
     url = service[0]
     ids = {k: register(url, [files[i] for i in range(k)]).json()["id"] for k in (1, 2)}
+    handle = serve.get_deployment_handle("HSNetModel", app_name="hsnet")
+    before = handle.replica.remote().result(timeout_s=60)
     jobs = [("good", k, q) for k in (1, 2) for q in (2, 3)] * 2 + [("bad-image", 1, 2), ("bad-id", 2, 3)] * 2
     results = [None] * len(jobs)
 
@@ -181,6 +185,9 @@ def test_concurrent_requests_batched_per_shots(service, files, predicted):
         else:
             assert reply.status_code == (400 if kind == "bad-image" else 404)
             assert "error" in reply.json()
+    after = handle.replica.remote().result(timeout_s=60)
+    episodes, calls = after["episodes"] - before["episodes"], after["runner_calls"] - before["runner_calls"]
+    assert episodes == 8 and calls < episodes, (episodes, calls)  # only good requests reach the model, batched
 
 
 def test_bad_requests_get_status_and_json_error(service, files):

@@ -254,8 +254,10 @@ class HSNetAPI:
 
     @api.get("/health")
     async def health(self):
+        """OK only while a model replica answers (a replica being replaced makes this a 503 for a moment)."""
         try:
-            await asyncio.wait_for(self.facts(), timeout=30)
+            await asyncio.wait_for(self.model.replica.remote(), timeout=10)
+            await self.facts()
         except (asyncio.TimeoutError, *RETRIABLE) as exc:
             return error(503, f"model not ready ({type(exc).__name__})", headers={"Retry-After": str(RETRY_AFTER_S)})
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 1)}
