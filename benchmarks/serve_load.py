@@ -129,7 +129,7 @@ def load(url: str, set_id: str, query: bytes, clients: int, duration: float, max
             t0 = time.perf_counter()
             try:
                 reply = session.post(f"{url}/segment", files={"image": ("q.png", query, "image/png")},
-                                     data={"support_set": set_id}, timeout=max(60.0, duration))
+                                     data={"support_set": set_id}, timeout=max(300.0, 2 * duration))
                 status = reply.status_code
             except requests.RequestException as exc:
                 status = type(exc).__name__
@@ -222,7 +222,8 @@ def main() -> None:
                      "server MB before", "server MB after"], rows)
     bench_rows = [[f"bench B={b['batch']} K=1 (onnxruntime-cpu)", b["episodes_per_s"], b["p50_ms"]] for b in benches]
     body += "\n\n" + md_table(["same runner, `hsnet-deploy bench`", "episodes/s", "p50 ms per call"], bench_rows)
-    body += (f"\n\n{Path(artifact).name}, K = 1, query 500x375 PNG, support 480x360; {args.duration:.0f} s or "
+    body += ("\n\nErrors are non-200 answers and client-side timeouts, per cell. "
+             f"{Path(artifact).name}, K = 1, query 500x375 PNG, support 480x360; {args.duration:.0f} s or "
              f"{args.max_requests} requests per cell; replicas share {args.cores} CPU threads; server memory is the "
              "PSS of the serve process tree (CLI, Ray daemons, replicas) after warm-up and after the cell.")
     if not args.no_record:
