@@ -354,7 +354,9 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     if report_path:
         from hsnet_deploy.report import write_bench_report
 
-        err.print(f"Report: {write_bench_report(suite.to_dict(), report_path) / 'index.html'}")
+        settings = {"iters": iters, "warmup": warmup, "device": device, "threads": threads or "all cores",
+                    "stages": stages, "cuda_graph": cuda_graph, "cuda_ep_options": dict(ep_options or {})}
+        err.print(f"Report: {write_bench_report(suite.to_dict(), report_path, settings) / 'index.html'}")
     if suite.interrupted:
         err.print("[yellow]Interrupted: the figures above are what was measured before Ctrl-C.[/]")
         sys.exit(130)

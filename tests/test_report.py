@@ -9,7 +9,7 @@ from conftest import run_cli
 from PIL import Image
 from synthetic_datasets import make_fss
 
-from hsnet_deploy.report import ExtremeEpisodes, write_bench_report
+from hsnet_deploy.report import ExtremeEpisodes, write_bench_report, write_eval_report
 
 pytest.importorskip("matplotlib", reason="the report tests need the plot extra (matplotlib)")
 
@@ -55,6 +55,11 @@ def test_bench_report_shows_every_runner_and_stage(exported, tmp_path):
     assert {"latency.png", "stages.png", "speedup.png", "gflops.png", "bench.json"} <= set(links)
     data = json.loads((out / "bench.json").read_text())
     assert data == json.loads((tmp_path / "b.json").read_text())
+    import torch
+
+    for fact in ("date", "machine", "versions", "settings", f"torch {torch.__version__}", "iters 3", "warmup 1",
+                 data["machine"]["cpu"]):
+        assert fact in text, fact
     for result in data["results"]:
         assert len(result["times_ms"]) == result["iters"] == 3  # every timed call, not only percentiles
         assert result["label"] in text
@@ -70,11 +75,29 @@ def test_eval_report_has_class_iou_and_episode_grids(exported, tmp_path):
                            "--episodes", "6", "--report", str(out))
     assert code == 0, err
     text, links = _check_folder(out)
-    assert {"class_iou.png", "fb_iou.png", "eval.json"} <= set(links)
+    assert {"class_iou.png", "fb_iou.png", "episodes_worst.png", "episodes_best.png", "eval.json"} <= set(links)
     result = json.loads((out / "eval.json").read_text())
+    assert result["class_iou"]
     for cid in result["class_iou"]:
-        assert result["class_names"][cid] in text or cid in text or "class_iou.png" in links
-    assert f"{result['miou']:.3g}" in text
+        assert f"{cid} {result['class_names'][cid]}" in text  # every class of the JSON is on the page
+    assert f"{result['miou']:.3g}" in text and f"{result['fb_iou']:.3g}" in text
+
+
+def test_eval_report_draws_the_paper_figure_for_authors_weights(tmp_path, monkeypatch):
+    from hsnet_deploy.report import figures
+
+    drawn = []
+    real = figures.class_iou_bars
+    monkeypatch.setattr(figures, "class_iou_bars", lambda *a: (drawn.append(a[3]), real(*a)))
+    result = {"dataset": "fss", "fold": 0, "shots": 5, "episodes": 2, "miou": 80.0, "fb_iou": 85.0,
+              "class_iou": {"0": 70.0, "1": 90.0}, "class_names": {"0": "cat", "1": "dog"}, "seconds": 1.0,
+              "runner": "r", "artifact": "a.onnx", "paper_miou": [85.5, 87.8]}
+    out = write_eval_report(result, None, tmp_path / "rep")
+    text, _ = _check_folder(out)
+    assert drawn == [87.8]  # the paper's line in the figure
+    assert "87.8" in text  # the 5-shot figure, not the 1-shot one
+    assert "85.5" not in text
+    assert "0 cat" in text and "1 dog" in text
 
 
 def test_extreme_episodes_keep_the_lowest_and_highest_iou():
@@ -102,8 +125,13 @@ def test_report_refuses_without_matplotlib_before_any_work(exported, tmp_path, m
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code, _, err = run_cli("bench", str(path), "--iters", "2", "--report", str(tmp_path / "r"))
-    assert code == 2 and "matplotlib" in err and "[plot]" in err
-    assert not (tmp_path / "r").exists()
+    assert code == 2 and err.startswith("Error:") and "matplotlib" in err and 'pip install -e ".[plot]"' in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()
+    opened = []
+    monkeypatch.setattr("hsnet_deploy.cli._open_runner", lambda *a, **k: opened.append(a))
+    code, _, err = run_cli("eval", str(path), "--dataset", "fss", "--data-root", str(tmp_path),
+                           "--report", str(tmp_path / "r"))
+    assert code == 2 and "matplotlib" in err and not opened  # refused before the model is even opened
 
 
 def test_report_never_overwrites_a_folder_that_is_not_a_report(tmp_path):
@@ -133,3 +161,16 @@ def test_interrupted_report_leaves_the_previous_one(tmp_path, monkeypatch):
         write_bench_report(suite, out)
     assert (out / "index.html").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folder left behind
+
+
+def test_extreme_episodes_draw_ignored_pixels_grey():
+    keep = ExtremeEpisodes(keep=1)
+    img = np.zeros((3, 32, 32), np.float32)
+    gt = np.zeros((32, 32), np.float32)
+    gt[8:16, 8:16] = 1
+    ignore = np.zeros((32, 32), bool)
+    ignore[:, :2] = True  # PASCAL's border
+    keep.offer(0, "c", img, img, gt, gt, gt, inter_fg=64, union_fg=64, ignore=ignore)
+    thumb = keep.best()[0]["gt"]
+    assert set(np.unique(thumb)) == {0, 128, 255}
+    assert (thumb[:, :4] == 128).all() and thumb[40:60, 40:60].min() == 255

@@ -43,7 +43,9 @@ class ExtremeEpisodes:
         self._order = itertools.count()
 
     def offer(self, index: int, class_name: str, query_img: np.ndarray, support_img: np.ndarray,
-              support_mask: np.ndarray, pred: np.ndarray, gt: np.ndarray, inter_fg: int, union_fg: int) -> None:
+              support_mask: np.ndarray, pred: np.ndarray, gt: np.ndarray, inter_fg: int, union_fg: int,
+              ignore: np.ndarray | None = None) -> None:
+        """`ignore`: pixels the metric skips (PASCAL's border), drawn grey in the ground truth."""
         if union_fg == 0:
             return
         iou = 100.0 * inter_fg / union_fg
@@ -54,6 +56,8 @@ class ExtremeEpisodes:
         row = {"index": index, "class_name": class_name, "iou": iou, "query": _image_thumb(query_img),
                "support": _image_thumb(support_img), "support_mask": _mask_thumb(support_mask),
                "pred": _mask_thumb(pred), "gt": _mask_thumb(gt)}
+        if ignore is not None and ignore.any():
+            row["gt"] = np.where(_mask_thumb(ignore) > 0, np.uint8(128), row["gt"])
         tie = next(self._order)
         if enters_best:
             (heapq.heappush if len(self._best) < self.keep else heapq.heappushpop)(self._best, (iou, tie, row))
@@ -68,7 +72,10 @@ class ExtremeEpisodes:
 
     def __call__(self, index: int, episode, tensors, pred: np.ndarray, counts: tuple[np.ndarray, np.ndarray]) -> None:
         """The `on_episode` hook of `data.evaluate.evaluate`."""
-        gt = tensors.query_mask_orig if tuple(pred.shape) == tuple(tensors.query_mask_orig.shape) else tensors.query_mask
+        at_own_size = tuple(pred.shape) == tuple(tensors.query_mask_orig.shape)
+        gt = tensors.query_mask_orig if at_own_size else tensors.query_mask
+        ignore = tensors.query_ignore_orig if at_own_size else tensors.query_ignore
         inter, union = counts
         self.offer(index, episode.class_name, tensors.query_img.numpy(), tensors.support_imgs[0].numpy(),
-                   tensors.support_masks[0].numpy(), pred, gt.numpy(), int(inter[1]), int(union[1]))
+                   tensors.support_masks[0].numpy(), pred, gt.numpy(), int(inter[1]), int(union[1]),
+                   ignore=ignore.numpy())

@@ -32,11 +32,13 @@ def check_report_dir(path: str | os.PathLike) -> Path:
         raise UserError(f"--report {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "index.html").exists():
         raise UserError(f"--report {out}: folder is not empty and holds no earlier report; choose another")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"--report {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--report {out}: folder {parent} is not writable")
+    ancestor = out.parent  # missing folders above the report are made when it is written
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--report {out}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"--report {out}: folder {ancestor} is not writable")
     return out
 
 
@@ -44,6 +46,7 @@ def check_report_dir(path: str | os.PathLike) -> Path:
 def report_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
     out = check_report_dir(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a report is for others to read too
     try:
@@ -87,6 +90,11 @@ class Page:
 
     def link(self, filename: str, text: str) -> None:
         self.parts.append(f'<p><a href="{html.escape(filename)}">{html.escape(text)}</a></p>')
+
+    def facts(self, pairs: list[tuple[str, object]]) -> None:
+        """A two-column table of what the run was: date, machine, versions, settings."""
+        rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
+        self.parts.append(f'<table class="facts">{rows}</table>')
 
     def table(self, header: list[str], rows: list[list[object]]) -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
