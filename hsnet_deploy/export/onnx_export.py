@@ -120,9 +120,28 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _drop_outputs(model_proto: onnx.ModelProto, names: tuple[str, ...]) -> None:
-    keep = [o for o in model_proto.graph.output if o.name not in names]
-    del model_proto.graph.output[:]
-    model_proto.graph.output.extend(keep)
+    """Drop the verification-only outputs, and the nodes and initializers only they needed.
+
+    The export-mode learner reads the correlation in its own layouts, so the plain C4/C3/C2 tensors are
+    views made for verification alone; the shipped graph must not compute them.
+    """
+    graph = model_proto.graph
+    keep = [o for o in graph.output if o.name not in names]
+    del graph.output[:]
+    graph.output.extend(keep)
+    needed = {o.name for o in keep}
+    live = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    dead = len(graph.node) - len(live)
+    if dead:
+        del graph.node[:]
+        graph.node.extend(reversed(live))
+        inits = [i for i in graph.initializer if i.name in needed]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
 
 
 def check_onnx_structure(model_proto: onnx.ModelProto) -> None:
@@ -178,10 +197,10 @@ def export_onnx(
         if not report.passed:
             return report  # the caller reports the numbers; nothing is written
 
+        _drop_outputs(proto, PYRAMID_NAMES)
         present = {n.name for n in proto.graph.node} | {o for n in proto.graph.node for o in n.output}
         stages = {stage: [n for n in names if n in present] for stage, names in stages.items()}
         report.stage_nodes = {stage: len(names) for stage, names in stages.items()}
-        _drop_outputs(proto, PYRAMID_NAMES)
         meta = {
             "format": "hsnet-deploy/onnx-v1",
             "backbone": model.backbone_name,

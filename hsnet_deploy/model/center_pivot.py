@@ -2,8 +2,41 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class HaloInput(NamedTuple):
+    """A first squeeze block's input as the export-mode correlation writes it (see `halo_rows`).
+
+    halo: (N, L, Hq*Wq*Hp, Ws), the correlation with Hp - Hs zero rows after each support grid;
+    pruned: (N, L, Hq, Wq, Hs', Ws'), the correlation at the support positions 0, s, 2s, ... only;
+    plain: (N, L, Hq, Wq, Hs, Ws), the correlation itself (a view of `halo`, for verification).
+    """
+
+    halo: torch.Tensor
+    pruned: torch.Tensor
+    plain: torch.Tensor
+
+
+def halo_rows(support_side: int, kernel: int, stride: int) -> int | None:
+    """Rows Hp per support grid that let conv2 run over (Hq*Wq*Hp, Ws) with no transpose, or None.
+
+    With the support rows of every query position followed by Hp - Hs zero rows, Hp = stride * Hs',
+    a stride-s conv over the flattened (query, support-row) axis puts output row Hs' * q + i at the
+    window of support row s*i of query position q: the zero rows act as the padding between grids.
+    That needs at least `pad` zero rows (the next grid's first window reaches back `pad` rows) and
+    a window that does not reach the next grid's data (kernel - stride <= pad).
+    """
+    pad = kernel // 2
+    out = (support_side + 2 * pad - kernel) // stride + 1
+    rows = stride * out
+    if stride < 2 or kernel - stride > pad or rows - support_side < pad:
+        return None
+    return rows
 
 
 class CenterPivotConv4d(nn.Module):
@@ -14,7 +47,13 @@ class CenterPivotConv4d(nn.Module):
     The stride acts on the support dims only; conv1's branch picks support indices 0, s, 2s, ...
     so both branches land on the same support grid. Unlike the authors' module, the pruning is a
     slice recomputed per call, so a second input size works.
+
+    `export_layout` (set by HSNet.prepare_export) computes the same sums with fewer layout copies:
+    conv1 runs on the 6D tensor as it lies, viewed as (N, C, Hq, Wq*S) with dilation (1, S), so its
+    branch needs no transpose; eager mode keeps the authors' formulation.
     """
+
+    export_layout = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, support_stride: int):
         super().__init__()
@@ -24,6 +63,8 @@ class CenterPivotConv4d(nn.Module):
         self.support_stride = support_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_layout:
+            return self.forward_export(x)
         s = self.support_stride
         n, c, hq, wq, hs, ws = x.shape
 
@@ -42,3 +83,34 @@ class CenterPivotConv4d(nn.Module):
         # (N*Hq*Wq, Co, Hs', Ws') -> (N, Co, Hq, Wq, Hs', Ws')
         sup = sup.reshape(n, hq, wq, co, hs_out, ws_out).permute(0, 3, 1, 2, 4, 5)
         return q + sup
+
+    def query_conv(self, pruned: torch.Tensor) -> torch.Tensor:
+        """conv1 on (N, C, Hq, Wq, Hs', Ws') in place: a Conv2d over (Hq, Wq*S) dilated by S = Hs'*Ws'."""
+        n, c, hq, wq, hs, ws = pruned.shape
+        s = int(hs) * int(ws)
+        pad = self.conv1.padding[0]
+        y = F.conv2d(pruned.reshape(n, c, hq, wq * s), self.conv1.weight, self.conv1.bias,
+                     padding=(pad, pad * s), dilation=(1, s))
+        return y.reshape(n, self.conv1.out_channels, hq, wq, hs, ws)
+
+    def forward_export(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sums as forward, with conv1's branch transpose-free (see the class docstring)."""
+        s = self.support_stride
+        n, c, hq, wq, hs, ws = x.shape
+        out = self.query_conv(x[..., ::s, ::s] if s > 1 else x)
+        hs_out, ws_out = out.shape[-2:]
+        sup = self.conv2(x.permute(0, 2, 3, 1, 4, 5).reshape(n * hq * wq, c, hs, ws))
+        sup = sup.reshape(n, hq, wq, self.conv2.out_channels, hs_out, ws_out).permute(0, 3, 1, 2, 4, 5)
+        return out + sup
+
+    def forward_halo(self, inp: HaloInput) -> torch.Tensor:
+        """forward on a first block's input as the export-mode correlation writes it: no transposes.
+
+        conv2 runs over the flattened (query, support-row) axis of `inp.halo`, whose zero rows stand in
+        for the padding between support grids (`halo_rows`); conv1 on `inp.pruned` as in query_conv.
+        """
+        n, _, hq, wq = inp.plain.shape[:4]
+        out = self.query_conv(inp.pruned)
+        hs_out, ws_out = out.shape[-2:]
+        sup = self.conv2(inp.halo)  # (N, Co, Hq*Wq*Hs', Ws')
+        return out + sup.reshape(n, self.conv2.out_channels, hq, wq, hs_out, ws_out)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from hsnet_deploy.model.center_pivot import HaloInput, halo_rows
 from hsnet_deploy.model.resize import Resizer
 
 NORM_EPS = 1e-5  # added to the L2 norm, not under the square root (authors' Correlation)
@@ -59,4 +61,66 @@ def hypercorrelation(
         s = s.reshape(b, shots, *s.shape[1:])  # (B, K, L, C, hs*ws)
         corr = torch.matmul(q, s).clamp(min=0)  # (B, K, L, hq*wq, hs*ws)
         pyramid.append(corr.reshape(b * shots, hi - lo, hq, wq, hs, ws))
+    return pyramid
+
+
+def stage_bounds(n_maps: int, stage_sizes: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+    """(lo, hi) map indices of C4, C3, C2 in backbone order (shallow to deep)."""
+    n4, n3, _ = stage_sizes
+    return ((n_maps - n4, n_maps), (n_maps - n4 - n3, n_maps - n4), (0, n_maps - n4 - n3))
+
+
+def hypercorrelation_for_export(
+    feats: list[torch.Tensor],
+    batch: int,
+    shots: int,
+    masks: torch.Tensor | None,
+    resize: Resizer,
+    stage_sizes: tuple[int, int, int],
+    first_blocks: tuple[tuple[int, int], ...],
+) -> list[torch.Tensor | HaloInput]:
+    """hypercorrelation in the layouts the learner's first center-pivot convs read without copies.
+
+    feats: the joint backbone maps (B + B*K, C, h, w), queries first; masks: (B*K, H, W) or None.
+    Fewer passes over the features: each stage's raw maps are stacked once, and the support mask and
+    the L2 normalisation become one factor per position, m / (m * ||v|| + eps), which equals
+    normalising the masked vector (||m v|| = m ||v|| for m >= 0; m = 0 gives exactly 0, as before);
+    one Split then separates queries and supports.
+    Per stage whose first block allows it (`halo_rows`): the support maps get Hp - Hs zero rows before
+    the MatMul, so its output is conv2's input as it lies (zero vectors correlate to exactly 0, like
+    the conv's zero padding), and a second, small MatMul with the support positions 0, s, 2s, ...
+    writes conv1's pruned input, instead of slicing it out of the large tensor. Other stages are
+    returned as by `hypercorrelation`.
+    """
+    pyramid: list[torch.Tensor | HaloInput] = []
+    for (lo, hi), (kernel, stride) in zip(stage_bounds(len(feats), stage_sizes), first_blocks):
+        _, channels, hq, wq = (int(d) for d in feats[lo].shape)
+        hs, ws = hq, wq  # queries and supports share the backbone pass, hence the map size
+        n_layers = hi - lo
+        joint = torch.stack(feats[lo:hi], dim=1)  # (B + B*K, L, C, h, w)
+        norm = torch.linalg.vector_norm(joint, dim=2, keepdim=True)  # (B + B*K, L, 1, h, w)
+        if masks is None:
+            factor = 1.0 / (norm + NORM_EPS)
+        else:
+            m = resize(masks, (hs, ws))
+            m = torch.cat([m.new_ones((batch, hs, ws)), m]).reshape(batch + batch * shots, 1, 1, hs, ws)
+            factor = m / (m * norm + NORM_EPS)
+        q, s = torch.split(joint * factor, [batch, batch * shots])
+        q = q.reshape(batch, n_layers, channels, hq * wq).transpose(2, 3).unsqueeze(1)  # (B, 1, L, hq*wq, C)
+        rows = halo_rows(hs, kernel, stride)
+        if rows is None:
+            s = s.reshape(batch, shots, n_layers, channels, hs * ws)
+            corr = torch.matmul(q, s).clamp(min=0)
+            pyramid.append(corr.reshape(batch * shots, n_layers, hq, wq, hs, ws))
+            continue
+        padded = F.pad(s, (0, 0, 0, rows - hs)).reshape(batch, shots, n_layers, channels, rows * ws)
+        corr = torch.matmul(q, padded).clamp(min=0)  # (B, K, L, hq*wq, rows*ws)
+        halo = corr.reshape(batch * shots, n_layers, hq * wq * rows, ws)
+        pruned_s = s[..., ::stride, ::stride]
+        phs, pws = (int(d) for d in pruned_s.shape[-2:])
+        pruned = torch.matmul(q, pruned_s.reshape(batch, shots, n_layers, channels, phs * pws)).clamp(min=0)
+        pruned = pruned.reshape(batch * shots, n_layers, hq, wq, phs, pws)
+        # Last, so that a graph's stage labels (export/stages.py) end the correlation here.
+        plain = corr.reshape(batch * shots, n_layers, hq, wq, rows, ws)[..., :hs, :]
+        pyramid.append(HaloInput(halo, pruned, plain))
     return pyramid

@@ -9,7 +9,12 @@ from torch import nn
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.model.backbones import BACKBONES, build_backbone, feature_sizes
-from hsnet_deploy.model.correlation import hypercorrelation, mask_support_features
+from hsnet_deploy.model.center_pivot import CenterPivotConv4d, HaloInput
+from hsnet_deploy.model.correlation import (
+    hypercorrelation,
+    hypercorrelation_for_export,
+    mask_support_features,
+)
 from hsnet_deploy.model.learner import GroupNorm6d, HPNLearner
 from hsnet_deploy.model.resize import Resizer
 
@@ -63,13 +68,16 @@ class HSNet(nn.Module):
         self.hpn_learner = HPNLearner(self.backbone.stage_sizes)
         self.mask_resize = Resizer()  # support masks to each feature size (the exactness-critical one)
         self.output_resize = Resizer()  # learner logits to the input size
+        self.export_layout = False
         self.eval()
 
     def prepare_export(self, height: int, width: int) -> HSNet:
         """Switch to the export-exact numerics for one fixed input size (see resize.py, learner.py).
 
         Every bilinear resize becomes a MatMul with constant matrices read off PyTorch's kernel, and
-        GroupNorm reduces in two stages. The eager model is unchanged until this is called.
+        GroupNorm reduces in two stages, and the correlation and center-pivot convs switch to layouts
+        that need fewer copies (center_pivot.py, correlation.py). The eager model is unchanged until
+        this is called.
         """
         check_image_size(self.backbone_name, height, width)
         fh, fw = feature_sizes(self.backbone_name, height), feature_sizes(self.backbone_name, width)
@@ -81,6 +89,9 @@ class HSNet(nn.Module):
         for module in self.modules():
             if isinstance(module, GroupNorm6d):
                 module.two_stage = True
+            if isinstance(module, CenterPivotConv4d):
+                module.export_layout = True
+        self.export_layout = True
         return self
 
     def support_logits(
@@ -104,16 +115,24 @@ class HSNet(nn.Module):
         # (two passes would get separate BatchNorm-folded copies from graph simplifiers).
         images = torch.cat([query_img, support_imgs.reshape(b * k, *support_imgs.shape[2:])], dim=0)
         feats = self.backbone.hypercolumns(images)
-        # split, not f[:b] / f[b:]: with B and K dynamic, torch.export (2.11) gives a slice an unbacked size
-        # it cannot relate to B, and the learner's reshapes then fail; split's sizes sum to the known length.
-        query_feats, support_feats = map(list, zip(*(torch.split(f, [b, b * k]) for f in feats)))
-        mark("backbone")
-        if self.mask_support:
-            masks = support_masks.reshape(b * k, h, w)
-            support_feats = mask_support_features(support_feats, masks, self.mask_resize)
-        pyramid = hypercorrelation(query_feats, support_feats, k, self.backbone.stage_sizes)
+        if self.export_layout:
+            mark("backbone")
+            masks = support_masks.reshape(b * k, h, w) if self.mask_support else None
+            stages = hypercorrelation_for_export(feats, b, k, masks, self.mask_resize, self.backbone.stage_sizes,
+                                                 self.hpn_learner.first_blocks())
+            pyramid = [p.plain if isinstance(p, HaloInput) else p for p in stages]
+        else:
+            # split, not f[:b] / f[b:]: with B and K dynamic, torch.export (2.11) gives a slice an unbacked
+            # size it cannot relate to B, and the learner's reshapes then fail; split's sizes sum to the
+            # known length.
+            query_feats, support_feats = map(list, zip(*(torch.split(f, [b, b * k]) for f in feats)))
+            mark("backbone")
+            if self.mask_support:
+                masks = support_masks.reshape(b * k, h, w)
+                support_feats = mask_support_features(support_feats, masks, self.mask_resize)
+            stages = pyramid = hypercorrelation(query_feats, support_feats, k, self.backbone.stage_sizes)
         mark("correlation")
-        encoded = self.hpn_learner.encode(pyramid)
+        encoded = self.hpn_learner.encode(stages)
         mark("learner")
         logits = self.output_resize(self.hpn_learner.decode(encoded), (int(h), int(w)))
         mark("decoder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hsnet_deploy.model.center_pivot import CenterPivotConv4d
+from hsnet_deploy.model.center_pivot import CenterPivotConv4d, HaloInput
 from hsnet_deploy.model.resize import Resizer
 
 GROUPS = 4
@@ -18,11 +18,13 @@ MIX = ((128, 3, 1),) * 3
 
 
 class GroupNorm6d(nn.GroupNorm):
-    """nn.GroupNorm on (N, C, Hq, Wq, Hs, Ws), with an optional two-stage reduction.
+    """nn.GroupNorm on (N, C, Hq, Wq, Hs, Ws), with an export form that moves less memory.
 
     Each group pools ~1.7M values at 400x400; ONNX Runtime's single-stage reductions lose ~6e-4
     relative there. Reducing over the support dims first and then over the rest keeps FP32 exact to
     ~3e-7. Eager mode keeps nn.GroupNorm (the authors' numerics); export switches `two_stage` on.
+    The export form reads the tensor twice for E[x] and E[x^2] (no centred copy is written) and folds
+    the normalisation and the affine into one per-(N, C) scale and shift: one Mul and one Add.
     """
 
     two_stage = False
@@ -32,16 +34,21 @@ class GroupNorm6d(nn.GroupNorm):
             return super().forward(x)
         n, c = x.shape[:2]
         spatial = x.shape[2:]
+        groups = self.num_groups
+        inner = int(spatial[-2]) * int(spatial[-1])
         # (N, C, Hq, Wq, Hs, Ws) -> (N, G, C/G*Hq*Wq, Hs*Ws)
         # Explicit sizes, no -1: inferring -1 makes torch.export guard on the element count, which fails
         # when N is a data-dependent size (torch 2.11 with B and K dynamic).
-        g = x.reshape(n, self.num_groups, (c // self.num_groups) * spatial[0] * spatial[1], spatial[2] * spatial[3])
-        mean = g.mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
-        centred = g - mean
-        var = (centred * centred).mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
-        y = (centred / torch.sqrt(var + self.eps)).reshape(x.shape)
-        affine_shape = (1, c) + (1,) * len(spatial)
-        return y * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+        g = x.reshape(n, groups, (c // groups) * spatial[0] * spatial[1], inner)
+        mean = g.mean(dim=-1).mean(dim=-1)  # (N, G)
+        # ReduceL2 reads the tensor once; its square is the row's sum of squares.
+        mean_sq = torch.linalg.vector_norm(g, dim=-1).square().mean(dim=-1) / inner
+        inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
+        weight = self.weight.reshape(1, groups, c // groups)
+        scale = weight * inv_std.reshape(n, groups, 1)  # (N, G, C/G)
+        shift = self.bias.reshape(1, groups, c // groups) - scale * mean.reshape(n, groups, 1)
+        stat_shape = (n, c) + (1,) * len(spatial)
+        return x * scale.reshape(stat_shape) + shift.reshape(stat_shape)
 
 
 def building_block(in_channels: int, spec: tuple[tuple[int, int, int], ...]) -> nn.Sequential:
@@ -75,18 +82,33 @@ class HPNLearner(nn.Module):
 
     def upsample_query_dims(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bilinearly resize the query dims of (N, C, Hq, Wq, Hs, Ws) to `size`."""
+        if self.resize.use_matrices:
+            return self.upsample_query_dims_in_place(x, size)
         # (N, C, Hq, Wq, Hs, Ws) -> (N, Hs, Ws, C, Hq, Wq): the resize acts on the last two dims.
         y = self.resize(x.permute(0, 4, 5, 1, 2, 3), size)
         return y.permute(0, 3, 4, 5, 1, 2)
 
+    def upsample_query_dims_in_place(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The export form: the resize matrices multiply the query dims from the left, no permutes."""
+        n, c, hq, wq, hs, ws = x.shape
+        s = int(hs) * int(ws)
+        ry = self.resize.matrix(int(hq), size[0])  # (Hq', Hq)
+        rx = self.resize.matrix(int(wq), size[1])  # (Wq', Wq)
+        y = torch.matmul(ry, x.reshape(n, c, hq, wq * s))  # (N, C, Hq', Wq*S)
+        y = torch.matmul(rx, y.reshape(n, c * size[0], wq, s))  # (N, C*Hq', Wq', S)
+        return y.reshape(n, c, size[0], size[1], hs, ws)
+
     def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
         return self.decode(self.encode(pyramid))
 
-    def encode(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
-        """Squeeze and mix the 4D pyramid, then average out the support dims: (N, 128, Hq, Wq)."""
-        sqz4 = self.encoder_layer4(pyramid[0])
-        sqz3 = self.encoder_layer3(pyramid[1])
-        sqz2 = self.encoder_layer2(pyramid[2])
+    def encode(self, pyramid: list[torch.Tensor] | list[torch.Tensor | HaloInput]) -> torch.Tensor:
+        """Squeeze and mix the 4D pyramid, then average out the support dims: (N, 128, Hq, Wq).
+
+        An entry may be a HaloInput (export mode): its first block then runs without transposes.
+        """
+        sqz4 = self.squeeze(self.encoder_layer4, pyramid[0])
+        sqz3 = self.squeeze(self.encoder_layer3, pyramid[1])
+        sqz2 = self.squeeze(self.encoder_layer2, pyramid[2])
 
         mix43 = self.upsample_query_dims(sqz4, tuple(sqz3.shape[2:4])) + sqz3
         mix43 = self.encoder_layer4to3(mix43)
@@ -94,6 +116,17 @@ class HPNLearner(nn.Module):
         mix432 = self.encoder_layer3to2(mix432)
 
         return mix432.flatten(4).mean(dim=-1)
+
+    @staticmethod
+    def squeeze(block: nn.Sequential, x: torch.Tensor | HaloInput) -> torch.Tensor:
+        if not isinstance(x, HaloInput):
+            return block(x)
+        return block[1:](block[0].forward_halo(x))
+
+    def first_blocks(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(kernel, support stride) of the first center-pivot conv of the C4, C3 and C2 squeeze blocks."""
+        convs = (self.encoder_layer4[0], self.encoder_layer3[0], self.encoder_layer2[0])
+        return tuple((c.conv2.kernel_size[0], c.support_stride) for c in convs)
 
     def decode(self, encoded: torch.Tensor) -> torch.Tensor:
         """2D decoder: (N, 128, Hq, Wq) -> logits (N, 2, 2Hq, 2Wq)."""

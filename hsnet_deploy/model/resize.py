@@ -39,6 +39,10 @@ class Resizer(nn.Module):
                 self.register_buffer(name, interpolation_matrix(in_size, out_size), persistent=False)
         self.use_matrices = True
 
+    def matrix(self, in_size: int, out_size: int) -> torch.Tensor:
+        """The prepared (out_size, in_size) interpolation matrix."""
+        return getattr(self, f"m_{in_size}_{out_size}")
+
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Resize the last two dims of `x` (any rank >= 2) to `size`."""
         h, w = x.shape[-2:]
@@ -48,6 +52,5 @@ class Resizer(nn.Module):
             lead = x.shape[:-2]
             y = F.interpolate(x.reshape(-1, 1, h, w), size=size, mode="bilinear", align_corners=True)
             return y.reshape(*lead, *size)
-        ry = getattr(self, f"m_{int(h)}_{size[0]}")
-        rx = getattr(self, f"m_{int(w)}_{size[1]}")
+        ry, rx = self.matrix(int(h), size[0]), self.matrix(int(w), size[1])
         return torch.matmul(torch.matmul(ry, x), rx.t())

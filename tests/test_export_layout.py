@@ -1,0 +1,123 @@
+"""The export-mode layouts (fewer copies in the graph) compute the same sums as the authors' formulation.
+
+Each export form is checked against an independent computation: the explicit 4D sums of
+`naive_center_pivot`, torch's own GroupNorm and F.interpolate.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import LEARNER_PAIRS, naive_center_pivot
+
+from hsnet_deploy.model.center_pivot import CenterPivotConv4d, HaloInput, halo_rows
+from hsnet_deploy.model.correlation import hypercorrelation, hypercorrelation_for_export, mask_support_features
+from hsnet_deploy.model.learner import GroupNorm6d, HPNLearner
+from hsnet_deploy.model.resize import Resizer
+
+
+def _close(got, want, rel=1e-5):
+    assert got.shape == want.shape
+    assert (got.double() - want.double()).abs().max() <= rel * want.abs().max()
+
+
+@pytest.mark.parametrize("kernel,stride", LEARNER_PAIRS)
+def test_transpose_free_conv1_matches_naive_4d_sum(kernel, stride):
+    torch.manual_seed(kernel * 10 + stride)
+    conv = CenterPivotConv4d(2, 3, kernel, stride)
+    for shape in [(2, 2, 5, 4, 7, 6), (1, 2, 3, 6, 9, 5)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            got = conv.forward_export(x)
+        _close(got, naive_center_pivot(x, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
+                                       conv.conv2.bias, stride))
+
+
+def _halo_input(x: torch.Tensor, kernel: int, stride: int) -> HaloInput:
+    """What the export-mode correlation writes, built here from a plain 6D tensor by padding and slicing."""
+    n, c, hq, wq, hs, ws = x.shape
+    rows = halo_rows(hs, kernel, stride)
+    halo = F.pad(x, (0, 0, 0, rows - hs)).reshape(n, c, hq * wq * rows, ws)
+    return HaloInput(halo, x[..., ::stride, ::stride], x)
+
+
+@pytest.mark.parametrize("kernel,stride,support", [(3, 2, 13), (3, 2, 7), (5, 4, 50), (5, 4, 25), (5, 4, 9), (3, 2, 5)])
+def test_halo_conv_matches_naive_4d_sum(kernel, stride, support):
+    assert halo_rows(support, kernel, stride) is not None
+    torch.manual_seed(support)
+    conv = CenterPivotConv4d(2, 3, kernel, stride)
+    hq = 3 if support > 20 else 4
+    x = torch.randn(2, 2, hq, hq + 1, support, support - 1 if support > 20 else support)
+    if halo_rows(x.shape[-2], kernel, stride) is None:
+        x = x[..., :support]
+    with torch.no_grad():
+        got = conv.forward_halo(_halo_input(x, kernel, stride))
+    _close(got, naive_center_pivot(x, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
+                                   conv.conv2.bias, stride))
+
+
+def test_halo_rows_rule():
+    # At 400x400 (resnet50) every first squeeze block takes the halo layout: C4 13, C3 25, C2 50.
+    assert halo_rows(13, 3, 2) == 14 and halo_rows(25, 5, 4) == 28 and halo_rows(50, 5, 4) == 52
+    # Too few spare rows (48 -> 12 rows of output leaves none) or stride 1: the plain layout.
+    assert halo_rows(48, 5, 4) is None and halo_rows(12, 3, 2) is None and halo_rows(4, 3, 1) is None
+
+
+@pytest.mark.parametrize("shape,offset", [((2, 16, 5, 4, 3, 3), 0.0), ((1, 8, 6, 6, 2, 2), 3.0),
+                                          ((3, 128, 4, 4, 2, 2), 20.0)])
+def test_groupnorm_export_form_matches_torch(shape, offset):
+    """One-pass statistics (E[x], E[x^2]) and the folded scale and shift, also with a mean far from 0."""
+    torch.manual_seed(shape[1])
+    gn = GroupNorm6d(4, shape[1], eps=1e-5)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(shape) * 2 + offset
+    with torch.no_grad():
+        want = F.group_norm(x, 4, gn.weight, gn.bias, 1e-5)
+        gn.two_stage = True
+        got = gn(x)
+    _close(got, want, rel=2e-5)
+
+
+def test_query_upsample_without_permutes_matches_interpolate():
+    learner = HPNLearner((3, 6, 4))
+    x = torch.randn(2, 5, 7, 6, 2, 3)
+    with torch.no_grad():
+        want = learner.upsample_query_dims(x, (13, 11))
+        learner.resize.prepare({(7, 13), (6, 11)})
+        got = learner.upsample_query_dims(x, (13, 11))
+    _close(got, want)
+
+
+@pytest.mark.parametrize("shots,masked", [(1, True), (2, True), (2, False)])
+def test_export_correlation_writes_the_same_pyramid(shots, masked):
+    """Joint normalisation with the mask as a factor, zero-row padded supports and the pruned MatMul give
+    the eager path's pyramid (split, mask, normalise, MatMul) and its pruned slices."""
+    torch.manual_seed(shots)
+    b, img = 2, 40
+    stage_sizes, channels, sides = (1, 2, 1), (8, 6, 4), (13, 5, 10)  # C4, C3, C2
+    feats = []  # backbone order: C2 maps first
+    for side, ch, count in zip(reversed(sides), reversed(channels), reversed(stage_sizes)):
+        feats += [torch.randn(b + b * shots, ch, side, side) for _ in range(count)]
+    masks = (torch.rand(b * shots, img, img) > 0.5).float()
+    masks[0, :, : img // 2] = 0  # a wide zero area: resized, it has exact zeros and tiny residues
+    resize = Resizer()
+    resize.prepare({(img, side) for side in sides})
+    query, support = zip(*(torch.split(f, [b, b * shots]) for f in feats))
+    support = list(support)
+    if masked:
+        support = mask_support_features(support, masks, resize)
+    blocks = ((3, 2), (5, 4), (5, 4))
+    plain = hypercorrelation(list(query), support, shots, stage_sizes)
+    staged = hypercorrelation_for_export(feats, b, shots, masks if masked else None, resize, stage_sizes, blocks)
+    assert all(isinstance(s, HaloInput) for s in staged)  # 13 -> 14, 5 -> 8, 10 -> 12 rows
+    for want, got, (_, stride) in zip(plain, staged, blocks):
+        _close(got.plain, want)
+        if masked:  # support positions whose resized mask is exactly 0 correlate to exactly 0
+            zero = resize(masks, tuple(want.shape[-2:])) == 0
+            assert zero.any() and (got.plain.permute(0, 4, 5, 1, 2, 3)[zero] == 0).all()
+        _close(got.pruned, want[..., ::stride, ::stride])
+        rows = got.halo.shape[2] // (want.shape[2] * want.shape[3])
+        halo = got.halo.reshape(*want.shape[:4], rows, want.shape[-1])
+        _close(halo[..., : want.shape[-2], :], want)
+        assert (halo[..., want.shape[-2]:, :] == 0).all()
