@@ -95,7 +95,7 @@ def test_export_correlation_writes_the_same_pyramid(shots, masked):
     the eager path's pyramid (split, mask, normalise, MatMul) and its pruned slices."""
     torch.manual_seed(shots)
     b, img = 2, 40
-    stage_sizes, channels, sides = (1, 2, 1), (8, 6, 4), (13, 5, 10)  # C4, C3, C2
+    stage_sizes, channels, sides = (1, 2, 1), (8, 6, 4), (13, 5, 10)  # C4, C3, C2: each grid > channels
     feats = []  # backbone order: C2 maps first
     for side, ch, count in zip(reversed(sides), reversed(channels), reversed(stage_sizes)):
         feats += [torch.randn(b + b * shots, ch, side, side) for _ in range(count)]
@@ -121,3 +121,26 @@ def test_export_correlation_writes_the_same_pyramid(shots, masked):
         halo = got.halo.reshape(*want.shape[:4], rows, want.shape[-1])
         _close(halo[..., : want.shape[-2], :], want)
         assert (halo[..., want.shape[-2]:, :] == 0).all()
+
+
+def test_model_in_export_layout_matches_eager_at_a_halo_size():
+    """At 200x200 resnet50's C2 (25x25, 512 channels) takes the halo layout; logits and pyramid stay put."""
+    import copy
+
+    from conftest import random_episode
+
+    from hsnet_deploy.model import seeded_model
+
+    model = seeded_model("resnet50")
+    q, s, m = random_episode(2, 2, 200, seed=3)
+    exported = copy.deepcopy(model).prepare_export(200, 200)
+    seen = []
+    real = exported.hpn_learner.squeeze
+    exported.hpn_learner.squeeze = lambda block, x: seen.append(isinstance(x, HaloInput)) or real(block, x)
+    with torch.no_grad():
+        want, want_pyramid = model.support_logits(q, s, m)
+        got, got_pyramid = exported.support_logits(q, s, m)
+    assert seen == [False, False, True]  # C4, C3 plain (too few query positions to pay), C2 halo
+    _close(got, want, rel=1e-5)
+    for g, w in zip(got_pyramid, want_pyramid):
+        _close(g, w, rel=1e-5)

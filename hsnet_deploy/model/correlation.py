@@ -86,7 +86,7 @@ def hypercorrelation_for_export(
     the L2 normalisation become one factor per position, m / (m * ||v|| + eps), which equals
     normalising the masked vector (||m v|| = m ||v|| for m >= 0; m = 0 gives exactly 0, as before);
     one Split then separates queries and supports.
-    Per stage whose first block allows it (`halo_rows`): the support maps get Hp - Hs zero rows before
+    Per stage whose first block allows it (`halo_rows`) and pays for it: the support maps get Hp - Hs zero rows before
     the MatMul, so its output is conv2's input as it lies (zero vectors correlate to exactly 0, like
     the conv's zero padding), and a second, small MatMul with the support positions 0, s, 2s, ...
     writes conv1's pruned input, instead of slicing it out of the large tensor. Other stages are
@@ -107,7 +107,10 @@ def hypercorrelation_for_export(
             factor = m / (m * norm + NORM_EPS)
         q, s = torch.split(joint * factor, [batch, batch * shots])
         q = q.reshape(batch, n_layers, channels, hq * wq).transpose(2, 3).unsqueeze(1)  # (B, 1, L, hq*wq, C)
-        rows = halo_rows(hs, kernel, stride)
+        # The zero rows cost a pass over the support features (C channels per position) to save passes over
+        # the correlation (hq*wq per position): worth it only where the query grid outnumbers the channels
+        # (C2 at 400x400: 2500 vs 512; not C3: 625 vs 1024, nor C4).
+        rows = halo_rows(hs, kernel, stride) if hq * wq > channels else None
         if rows is None:
             s = s.reshape(batch, shots, n_layers, channels, hs * ws)
             corr = torch.matmul(q, s).clamp(min=0)
