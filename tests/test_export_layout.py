@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from test_model import LEARNER_PAIRS, naive_center_pivot
 
 from hsnet_deploy.model.center_pivot import CenterPivotConv4d, HaloInput, halo_rows
-from hsnet_deploy.model.correlation import hypercorrelation, hypercorrelation_for_export, mask_support_features
+from hsnet_deploy.model.correlation import (
+    hypercorrelation,
+    hypercorrelation_for_export,
+    mask_support_features,
+)
 from hsnet_deploy.model.learner import GroupNorm6d, HPNLearner
 from hsnet_deploy.model.resize import Resizer
 

@@ -187,8 +187,8 @@ def test_fp16_keeps_mask_l2norm_groupnorm_in_fp32(fp32_model, tmp_path):
                              for n in reduce_l2)
     sqrt = [n for n in proto.graph.node if n.op_type == "Sqrt"]  # GroupNorm's sqrt(var + eps)
     assert len(sqrt) == 15 and all(types[n.output[0]] == TensorProto.FLOAT for n in sqrt)
-    means = [n for n in proto.graph.node if n.op_type == "ReduceMean"]  # GroupNorm's statistics (60 of 61)
-    assert sum(types[n.output[0]] == TensorProto.FLOAT for n in means) >= 60
+    means = [n for n in proto.graph.node if n.op_type == "ReduceMean"]  # GroupNorm's statistics: all but one
+    assert sum(types[n.output[0]] == TensorProto.FLOAT for n in means) >= len(means) - 1 >= 45
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     assert sum(types[n.output[0]] == TensorProto.FLOAT16 for n in convs) == len(convs)
     assert types["logits"] == TensorProto.FLOAT and types["mask"] == TensorProto.FLOAT

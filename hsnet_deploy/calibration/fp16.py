@@ -43,26 +43,32 @@ KEEP_FP32 = {
 
 
 def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Each ReduceL2 and the Add (norm + eps) and Div (v / norm) that consume it."""
+    """Each ReduceL2 and the elementwise chain after it up to the normalised features: (norm + eps) and
+    v / norm, or, with the support mask folded in (export layouts), m * norm + eps, m / (...) and v * factor."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    names = []
+    names: list[str] = []
     for node in proto.graph.node:
         if node.op_type != "ReduceL2":
             continue
-        names.append(node.name)
-        for add in consumers.get(node.output[0], []):
-            names.append(add.name)
-            names.extend(div.name for div in consumers.get(add.output[0], []) if div.op_type == "Div")
+        stack, seen = [node], set()
+        while stack:
+            current = stack.pop()
+            if current.name in seen:
+                continue
+            seen.add(current.name)
+            names.append(current.name)
+            stack.extend(c for c in consumers.get(current.output[0], []) if c.op_type in ("Mul", "Add", "Div"))
     return names
 
 
 def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
     """The two-stage GroupNorms of the learner, found by structure (the export's node names and scopes do
-    not survive onnxslim): from each learner Sqrt, up through ReduceMean/Mul/Sub/Add to the grouping
-    Reshapes, and down through the Div and the affine Reshape -> Mul -> Add."""
+    not survive onnxslim): from each learner Sqrt, up through the statistics to the grouping Reshapes, and
+    down through the normalisation and the affine to the GroupNorm's output (the Add before the ReLU).
+    Both export forms: centred (Sub, Div) and one-pass (E[x^2] - E[x]^2, a folded scale and shift)."""
     from hsnet_deploy.calibration.graph import node_stages
 
     stages = node_stages(proto)
@@ -84,15 +90,15 @@ def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
             if node.op_type == "Reshape":
                 continue
             stack.extend(p for i in node.input if (p := producer.get(i)) is not None
-                         and p.op_type in ("ReduceMean", "Sub", "Mul", "Add", "Reshape"))
-        node = next((c for c in consumers.get(sqrt.output[0], []) if c.op_type == "Div"), None)
-        for op in ("Reshape", "Mul", "Add"):  # normalised -> back to 6D -> * weight -> + bias
-            if node is None:
-                break
-            seen.add(node.name)
-            node = next((c for c in consumers.get(node.output[0], []) if c.op_type == op), None)
-        if node is not None:
-            seen.add(node.name)
+                         and p.op_type in ("ReduceMean", "ReduceL2", "Pow", "Sub", "Mul", "Add", "Div", "Max",
+                                           "Reshape"))
+        down = [sqrt]  # normalisation and affine, stopping at the ReLU
+        while down:
+            node = down.pop()
+            for c in consumers.get(node.output[0], []):
+                if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape"):
+                    seen.add(c.name)
+                    down.append(c)
         names.extend(n.name for n in proto.graph.node if n.name in seen)
     return names
 
