@@ -94,7 +94,7 @@ def hypercorrelation_for_export(
     """
     pyramid: list[torch.Tensor | HaloInput] = []
     for (lo, hi), (kernel, stride) in zip(stage_bounds(len(feats), stage_sizes), first_blocks):
-        _, channels, hq, wq = (int(d) for d in feats[lo].shape)
+        channels, hq, wq = (int(d) for d in feats[lo].shape[1:])
         hs, ws = hq, wq  # queries and supports share the backbone pass, hence the map size
         n_layers = hi - lo
         joint = torch.stack(feats[lo:hi], dim=1)  # (B + B*K, L, C, h, w)

@@ -40,9 +40,9 @@ class GroupNorm6d(nn.GroupNorm):
         # Explicit sizes, no -1: inferring -1 makes torch.export guard on the element count, which fails
         # when N is a data-dependent size (torch 2.11 with B and K dynamic).
         g = x.reshape(n, groups, (c // groups) * spatial[0] * spatial[1], inner)
-        mean = g.mean(dim=-1).mean(dim=-1)  # (N, G)
+        mean = g.mean(dim=3).mean(dim=2)  # (N, G)
         # ReduceL2 reads the tensor once; its square is the row's sum of squares.
-        mean_sq = torch.linalg.vector_norm(g, dim=-1).square().mean(dim=-1) / inner
+        mean_sq = torch.linalg.vector_norm(g, dim=3).square().mean(dim=2) / inner
         inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
         weight = self.weight.reshape(1, groups, c // groups)
         scale = weight * inv_std.reshape(n, groups, 1)  # (N, G, C/G)
