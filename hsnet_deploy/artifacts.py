@@ -26,6 +26,19 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return out
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc; elsewhere set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
@@ -37,8 +50,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
+    mode = 0o666 & ~current_umask()  # mkstemp makes 0600; the file a user gets follows their umask
     try:
+        os.chmod(tmp, mode)
         yield tmp
+        os.chmod(tmp, mode)  # again: a writer may have replaced the temporary file with its own
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from hsnet_deploy import __version__
 from hsnet_deploy.errors import GateFailure, UserError
 
 BACKBONE_CHOICE = click.Choice(["vgg16", "resnet50", "resnet101"])
@@ -26,8 +25,36 @@ def _quiet_exporters() -> None:
     os.environ.setdefault("TORCH_LOGS", "-all")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "--version", prog_name="hsnet-deploy")
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from hsnet_deploy.info import version_line
+
+    click.echo(version_line())
+    ctx.exit(0)
+
+
+def max_pixels_option(func):
+    """--max-megapixels: the decode limit for every image and mask the command reads."""
+    from hsnet_deploy.data.preprocess import DEFAULT_MAX_MEGAPIXELS
+
+    def apply(_ctx, _param, value):
+        from hsnet_deploy.data.preprocess import set_max_pixels
+
+        if value is not None and value <= 0:
+            raise UserError(f"--max-megapixels {value}: must be above 0")
+        set_max_pixels(int(value * 1e6))
+        return value
+
+    return click.option("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS, show_default=True,
+                        expose_value=False, callback=apply,
+                        help="Largest image or mask decoded; a larger JPEG is decoded at 1/2..1/8 scale, "
+                             "any other file refused.")(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version with those of torch, ONNX Runtime and TensorRT, and exit.")
 def cli() -> None:
     """HSNet few-shot segmentation, deployed: export a PyTorch HSNet to ONNX (verified against PyTorch),
     build FP32/FP16/INT8 engines for ONNX Runtime or TensorRT, and benchmark, evaluate and run them.
@@ -58,11 +85,15 @@ def load_model(backbone: str | None, checkpoint: str | None, seed: int):
     return seeded_model(backbone, seed), {"weights": "seeded-random", "seed": seed}
 
 
-def write_json(path: str | None, obj: object) -> None:
+def write_json(path: str | None, obj: object, what: str = "") -> None:
+    """Write --json atomically and say where it went (on stderr, so stdout stays the table)."""
     if path:
         from hsnet_deploy.artifacts import write_json_atomic
+        from hsnet_deploy.console import err
 
         write_json_atomic(path, obj)
+        if what:
+            err.print(f"Wrote the {what} as JSON to {path}")
 
 
 @cli.command()
@@ -88,9 +119,11 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
     from hsnet_deploy.console import err, out, table
     from hsnet_deploy.export import DEFAULT_OPSET, export_onnx
     from hsnet_deploy.model import check_image_size
+    from hsnet_deploy.preflight import export as check_export
 
     _quiet_exporters()
     check_output_path(output)
+    check_export(output, json_path, checkpoint)
     if backbone:
         check_image_size(backbone, img_size, img_size)
     model, source = load_model(backbone, checkpoint, seed)
@@ -107,7 +140,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
             rows.append((f"B={c.batch} K={c.shots} {c.masks}", e.name, e.max_abs, e.mean_abs, e.rel, c.mask_agreement))
     out.print(table("Verification: ONNX Runtime (CPU) vs eager PyTorch",
                     ["episode", "tensor", "max |diff|", "mean |diff|", "max / max|ref|", "mask agreement"], rows))
-    write_json(json_path, report.to_dict())
+    write_json(json_path, report.to_dict(), "export report")
     if not report.passed:
         raise GateFailure(
             f"verification failed: worst relative error {max(c.worst_rel() for c in report.checks):.2e} "
@@ -121,10 +154,12 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
 
 @cli.command("build-engine")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--fp16", "precision", flag_value="fp16", help="Mixed-precision FP16 variant behind the accuracy gate.")
-@click.option("--int8", "precision", flag_value="int8", help="INT8 Q/DQ variant calibrated on --calib-data, gated.")
-@click.option("--calib-data", type=click.Path(file_okay=False), help="Episodes for INT8 calibration and the gate.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="Runtime the output is for.")
+@click.option("--fp16", is_flag=True, help="Mixed-precision FP16 variant behind the accuracy gate.")
+@click.option("--int8", is_flag=True, help="INT8 Q/DQ variant calibrated on --calib-data, gated.")
+@click.option("--calib-data", type=click.Path(file_okay=False),
+              help="Episodes: --int8 calibrates and gates on them, --fp16 gates on them.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime: the execution provider the model is optimised for.")
 @click.option("--max-batch", default=8, show_default=True, help="tensorrt: largest B in the optimisation profile.")
@@ -159,10 +194,12 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
 @click.option("--variant-onnx", type=click.Path(dir_okay=False),
               help="tensorrt + --fp16/--int8: where to keep the variant ONNX [default: OUTPUT.onnx].")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Engine or optimised model to write.")
-def build_engine(model, backend, precision, calib_data, device, max_batch, max_shots, opt_batch, opt_shots,
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the gate report as JSON too.")
+@max_pixels_option
+def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_shots, opt_batch, opt_shots,
                  workspace, timing_cache, version_compatible, tf32, calib_episodes, gate_episodes, fold, seed,
                  quantize, calib_method, gate_max_miou_drop, gate_min_agreement, gate_min_worst_agreement,
-                 gate_min_sign_agreement, gate_max_logit_error, fp16_keep, variant_onnx, output):
+                 gate_min_sign_agreement, gate_max_logit_error, fp16_keep, variant_onnx, output, json_path):
     """Compile an exported ONNX model for a backend.
 
     \b
@@ -179,21 +216,15 @@ def build_engine(model, backend, precision, calib_data, device, max_batch, max_s
     Both are compared with FP32 on held-out episodes; a variant that fails the gate is not written (exit 1).
     With --backend tensorrt the variant ONNX is kept beside the plan and built strongly typed.
     """
-    from hsnet_deploy.artifacts import check_output_path
+    from hsnet_deploy import preflight
     from hsnet_deploy.console import dumps, err, out
-    from hsnet_deploy.runtime.artifact import read_onnx_meta
 
-    precision = precision or "fp32"
+    precision = preflight.precision_flags(fp16, int8)
+    preflight.build_engine(model, output, precision, backend, calib_data, variant_onnx, json_path, timing_cache)
     if backend == "tensorrt":  # before minutes of calibration: fail now if the plan cannot be built here
         from hsnet_deploy.runtime.trt_build import import_tensorrt
 
         import_tensorrt()
-    check_output_path(output)
-    meta = read_onnx_meta(Path(model))
-    if meta.get("precision", "fp32") != "fp32":
-        raise UserError(f"{model}: is already a {meta['precision']} variant; build from the FP32 export")
-    if precision == "int8" and not calib_data:
-        raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
     if precision != "fp32":
         from hsnet_deploy.calibration import make_variant
 
@@ -210,9 +241,9 @@ def build_engine(model, backend, precision, calib_data, device, max_batch, max_s
                                            thresholds=thresholds,
                                            keep_fp32=tuple(x.strip() for x in fp16_keep.split(",") if x.strip()))
         except GateFailure as failure:
-            _print_gate(getattr(failure, "report", None))
+            _print_gate(getattr(failure, "report", None), json_path)
             raise
-        _print_gate(report)
+        _print_gate(report, json_path)
         out.print(f"[green]Wrote {target}[/] ({precision}, gate passed, {written.get('seconds', 0):.0f}s)")
         if backend == "onnxruntime":
             return
@@ -224,6 +255,7 @@ def build_engine(model, backend, precision, calib_data, device, max_batch, max_s
         written = build_ort_model(model, output, device)
         out.print(f"[green]Wrote {output}[/] (ONNX Runtime {written['ort_version']}, {device}, "
                   f"{written['ort_optimization']} optimisations)")
+        write_json(json_path, {k: v for k, v in written.items() if k != "stages"}, "build report")
         return
     from hsnet_deploy.runtime.trt_build import build_engine as trt_build_engine
 
@@ -235,38 +267,42 @@ def build_engine(model, backend, precision, calib_data, device, max_batch, max_s
                                version_compatible=version_compatible, tf32=tf32)
     out.print(f"[green]Wrote {output}[/] and {output}.json")
     err.print(dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu_name", "compute_capability") if k in sidecar}))
+    if precision == "fp32":
+        write_json(json_path, {k: v for k, v in sidecar.items() if k != "stages"}, "build report")
 
 
-def _print_gate(report) -> None:
-    """The accuracy gate's report: per-episode agreement with FP32, then the verdict per threshold."""
-    from hsnet_deploy.console import dumps, err, out, table
+def _print_gate(report, json_path: str | None = None) -> None:
+    """The accuracy gate: one row per threshold with its verdict (the per-episode figures go to --json)."""
+    from hsnet_deploy.console import err, out, table
 
     if report is None:
         return
     data = report.to_dict()
-    rows = [(e["name"], e["agreement"], e["sign_agreement"], e["logit_error"]) for e in data.get("episodes", [])]
-    out.print(table(f"accuracy gate: {data.get('precision', '')} vs FP32 on held-out episodes",
-                    ["episode", "mask IoU vs FP32", "sign agreement", "rel. logit error"], rows))
-    err.print(dumps({k: v for k, v in data.items() if k != "episodes"}))
+    rows = [(c["name"], c["value"], f"{c['op']} {c['limit']}", c["status"]) for c in data["checks"]]
+    out.print(table(f"accuracy gate: {data['precision']} vs FP32, {len(data['episodes'])} held-out episodes",
+                    ["check", "value", "needs", "verdict"], rows))
+    for note in data.get("notes", []):
+        err.print(f"[dim]note: {note}[/]")
+    write_json(json_path, data, "gate report")
 
 
 def default_artifact(img_size: int) -> Path:
     """The embedded default: resnet50 with seeded weights, exported once into the cache directory."""
+    import subprocess
+
     from hsnet_deploy.console import err
-    from hsnet_deploy.export import export_onnx
-    from hsnet_deploy.model import seeded_model
 
     path = CACHE_DIR / f"default-resnet50-{img_size}-seed0.onnx"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _quiet_exporters()
     err.print(f"Exporting the embedded default (resnet50, SEEDED RANDOM weights, {img_size}x{img_size}) "
               f"to {path} once ...")
-    report = export_onnx(seeded_model("resnet50", 0), path, img_size, source={"weights": "seeded-random", "seed": 0},
-                         step=lambda m: err.print(f"  {m}"))
-    if not report.passed:
-        raise GateFailure("the default model failed its export verification")
+    # In a child process: the export's memory stays out of the peak memory the benchmark reports.
+    done = subprocess.run([sys.executable, "-m", "hsnet_deploy", "export", "--backbone", "resnet50", "--seed", "0",
+                           "--img-size", str(img_size), "-o", str(path)], check=False, stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not path.exists():
+        raise GateFailure(f"the embedded default could not be exported (exit status {done.returncode})")
     return path
 
 
@@ -276,7 +312,8 @@ def default_artifact(img_size: int) -> Path:
 @click.option("--shots", "-k", default=1, show_default=True, help="Support images per episode (K).")
 @click.option("--iters", "-n", default=20, show_default=True, help="Timed calls per runner.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls first (the first one is the cold call).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to run (auto: CUDA where a backend can use it, else CPU).")
 @click.option("--threads", type=int, default=None, help="CPU threads for every runner [default: all cores].")
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
 @click.option("--img-size", default=400, show_default=True, help="Image size of the embedded default model.")
@@ -299,6 +336,8 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     autocast) as the anchor, and times ONNX Runtime CUDA with host I/O and with inputs already on the GPU.
     """
     from hsnet_deploy.console import err, out, progress_bar, table
+    from hsnet_deploy.info import run_record
+    from hsnet_deploy.preflight import bench as check_bench
     from hsnet_deploy.runtime.ort_cuda import parse_ep_options
     from hsnet_deploy.runtime.suite import run_suite
 
@@ -312,6 +351,7 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
         require_plotting(report_path)
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
         raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
+    check_bench(list(artifacts), device, cuda_graph, json_path)
     paths = [Path(a) for a in artifacts] or [default_artifact(img_size)]
     with progress_bar() as bar:
         def on_start(runner, n):
@@ -333,7 +373,8 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     out.print(table(title, ["runner", "mean ms", "p50", "p90", "p99", "min", "cold ms", "episodes/s",
                             "peak MB", "GFLOP/s", "vs eager"], rows))
     stage_names = ["backbone", "correlation", "learner", "decoder", "other"]
-    stage_rows = [(r.label, *[r.stages_ms.get(s) for s in stage_names]) for r in suite.results if r.stages_ms]
+    stage_rows = [(f"{r.label}  {Path(r.artifact).name if r.artifact else ''}".strip(),
+                   *[r.stages_ms.get(s) for s in stage_names]) for r in suite.results if r.stages_ms]
     if stage_rows:
         out.print(table("per-stage time (ms per call, from each backend's profiler)", ["runner", *stage_names],
                         stage_rows))
@@ -350,7 +391,10 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
                   f"matmul ran at {suite.matmul_gflop_per_s:.0f} GFLOP/s in the same run.")
     for line in suite.notes + suite.skipped:
         err.print(f"[dim]note: {line}[/]")
-    write_json(json_path, suite.to_dict())
+    settings = {"batch": batch, "shots": shots, "iters": iters, "warmup": warmup, "device": device,
+                "threads": threads, "img_size": suite.img_size, "stages": stages, "cuda_graph": cuda_graph,
+                "cuda_ep_options": list(ep_option), "artifacts": [str(p) for p in paths]}
+    write_json(json_path, {**suite.to_dict(), **run_record(settings)}, "benchmark")
     if report_path:
         from hsnet_deploy.report import write_bench_report
 
@@ -392,25 +436,30 @@ def _artifact_origin(runner) -> tuple[str | None, bool]:
 
 @cli.command("eval")
 @click.argument("artifact", type=click.Path(dir_okay=False))
-@click.option("--dataset", required=True, type=click.Choice(["fss", "pascal", "coco"]))
+@click.option("--dataset", required=True, type=click.Choice(["fss", "pascal", "coco"]),
+              help="FSS-1000, PASCAL-5i or COCO-20i, in the authors' layout.")
 @click.option("--data-root", required=True, type=click.Path(file_okay=False), help="The authors' --datapath layout.")
 @click.option("--splits", "splits_dir", type=click.Path(file_okay=False),
               help="The authors' data/splits folder [default: DATA_ROOT/splits].")
-@click.option("--fold", default=0, show_default=True, type=click.IntRange(0, 3))
-@click.option("--shots", "-k", default=1, show_default=True, type=click.IntRange(1, 100))
+@click.option("--fold", default=0, show_default=True, type=click.IntRange(0, 3),
+              help="PASCAL/COCO fold (FSS-1000 has none).")
+@click.option("--shots", "-k", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="Support images per episode (K).")
 @click.option("--episodes", "-n", type=click.IntRange(1), help="Only the first N episodes of the protocol's sequence.")
 @click.option("--batch", "-b", default=1, show_default=True, type=click.IntRange(1), help="Episodes per call.")
 @click.option("--original-size", is_flag=True,
               help="PASCAL/COCO: score at each query's own size (logits upsampled before the argmax).")
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to run (auto: CUDA where the backend can use it).")
 @click.option("--threads", type=int, help="CPU threads [default: all cores].")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
-              help="Partial totals, saved atomically as the run goes [default: <json or artifact>.eval-state.json].")
+              help="Partial totals, saved as the run goes [default: ARTIFACT.eval-state.json].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its --state file.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON too.")
 @click.option("--report", "report_path", type=click.Path(file_okay=False),
               help="Write an HTML report with plots to this folder (needs the plot extra).")
+@max_pixels_option
 def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, batch, original_size, backbone, device,
              threads, state_path, resume, json_path, report_path):
     """mIoU and FB-IoU on FSS-1000, PASCAL-5i or COCO-20i, exactly by the authors' protocol.
@@ -419,11 +468,14 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     per class over the episodes, then divides (PASCAL's 255 border pixels ignored). Ctrl-C keeps the
     partial totals; --resume continues to the same final numbers.
     """
+    from hsnet_deploy import preflight
     from hsnet_deploy.artifacts import sha256_file
     from hsnet_deploy.console import err, out, table
     from hsnet_deploy.data.datasets import build_episodes
     from hsnet_deploy.data.evaluate import evaluate
 
+    state = preflight.eval_state_path(artifact, state_path)
+    preflight.evaluate(artifact, state, json_path)
     extremes = None
     if report_path:
         from hsnet_deploy.report import ExtremeEpisodes, require_plotting
@@ -435,9 +487,9 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 
         torch.set_num_threads(threads)
     runner = _open_runner(artifact, device, backbone, threads)
+    _warn_seeded(runner, artifact)
     img_size = _runner_img_size(runner)
     eset = build_episodes(dataset, data_root, fold=fold, shots=shots, episodes=episodes, splits_dir=splits_dir)
-    state = state_path or f"{json_path or artifact}.eval-state.json"
     info = runner.info
     fingerprint = {"artifact_sha256": sha256_file(artifact), "backend": info.backend, "precision": info.precision}
     output_name = "logits" if original_size else "mask"
@@ -445,13 +497,19 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     def predict_fn(q, s, m):
         return runner.infer({"query_img": q, "support_imgs": s, "support_masks": m})[output_name]
 
-    with runner:
-        result = evaluate(predict_fn, eset, batch=batch, img_size=img_size, original_size=original_size,
-                          state_path=state, resume=resume, fingerprint=fingerprint, console=err,
-                          on_episode=extremes)
+    try:
+        with runner:
+            result = evaluate(predict_fn, eset, batch=batch, img_size=img_size, original_size=original_size,
+                              state_path=state, resume=resume, fingerprint=fingerprint, console=err,
+                              on_episode=extremes)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print(f"[yellow]Interrupted.[/] The totals of the finished episodes are saved in {state}; resume "
+                  f"with:\n  {preflight.resume_command()}")
+        sys.exit(130)
     rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
-    out.print(table(f"{dataset} fold {fold}, {shots}-shot, {result.episodes} episodes ({info.label})",
-                    ["class", "IoU %"], rows))
+    names = {"fss": "FSS-1000", "pascal": f"PASCAL-5i fold {fold}", "coco": f"COCO-20i fold {fold}"}
+    out.print(table(f"{names[dataset]}, {shots}-shot, {result.episodes} episodes", ["class", "IoU %"], rows))
+    out.print(f"runner: {info.label}, {artifact}")
     backbone_name, authors = _artifact_origin(runner)
     paper = PAPER_MIOU.get((dataset, backbone_name))
     paper_text = ""
@@ -462,7 +520,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     for note in result.notes:
         err.print(f"[dim]note: {note}[/]")
     report = {**result.to_dict(), "runner": info.label, "artifact": str(artifact), "paper_miou": paper if authors else None}
-    write_json(json_path, report)
+    write_json(json_path, report, "evaluation")
     if report_path:
         from hsnet_deploy.report import write_eval_report
 
@@ -474,14 +532,17 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--query", required=True, type=click.Path(), help="A query image, or a folder of them.")
 @click.option("--support", "supports", multiple=True, nargs=2, type=click.Path(dir_okay=False),
-              metavar="IMAGE MASK", help="A support image and its mask; repeat for K shots.")
+              metavar="IMAGE MASK", help="A support image and its mask; repeat for K shots.",
+              callback=lambda _c, _p, v: _support_pairs(v))
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Mask PNG (0/255, the query's size); a folder when --query is a folder.")
 @click.option("--overlay", "overlay_path", type=click.Path(), help="Also write the query with the mask drawn on it.")
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to run (auto: CUDA where the backend can use it).")
 @click.option("--threads", type=int, help="CPU threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(), help="Write what was segmented as JSON too.")
+@max_pixels_option
 def predict(artifact, query, supports, output, overlay_path, backbone, device, threads, json_path):
     """Segment in QUERY the object shown in the support images (K = number of --support pairs).
 
@@ -492,12 +553,17 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
     from hsnet_deploy.console import err, out, progress_bar
 
     queries = predict_lib.list_queries(query)
+    inputs = [("ARTIFACT", artifact), *[(f"--support {img}", p) for img, mask in supports for p in (img, mask)]]
+    mask_fn, overlay_fn = predict_lib.output_paths(output, overlay_path, queries, Path(query).is_dir(), inputs,
+                                                   [("--json", json_path)])
     runner = _open_runner(artifact, device, backbone, threads)
+    _warn_seeded(runner, artifact)
     img_size = _runner_img_size(runner)
     loaded = predict_lib.load_supports(list(supports), img_size)
     for path in loaded.empty:
         err.print(f"[yellow]Warning: {path}: the support mask is empty; that shot cannot show the object[/]")
-    mask_fn, overlay_fn = predict_lib.output_paths(output, overlay_path, queries, Path(query).is_dir())
+    for line in loaded.warnings:
+        err.print(f"[yellow]Warning: {line}[/]")
     with runner, progress_bar(transient=len(queries) == 1) as bar:
         task = bar.add_task("predict", total=len(queries), status="")
         records = predict_lib.predict(runner, queries, loaded, img_size, mask_fn, overlay_fn,
@@ -505,7 +571,48 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
     for r in records:
         out.print(f"{r['query']} -> {r['mask']}  foreground {100 * r['foreground_fraction']:.1f}%"
                   + (f", overlay {r['overlay']}" if "overlay" in r else ""))
-    write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "results": records})
+    write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "results": records}, "predictions")
+
+
+def _support_pairs(pairs):
+    from hsnet_deploy.preflight import support_pairs
+
+    try:
+        return support_pairs(pairs)
+    except UserError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _warn_seeded(runner, artifact) -> None:
+    from hsnet_deploy.console import err
+    from hsnet_deploy.info import seeded_weights_warning
+
+    warning = seeded_weights_warning(getattr(runner, "meta", None) or {}, artifact)
+    if warning:
+        err.print(f"[yellow]Warning: {warning}[/]")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the same facts as JSON too.")
+def info(artifact, json_path):
+    """What this machine can run, or what ARTIFACT is, without running anything.
+
+    \b
+    No ARTIFACT: the backends (PyTorch, ONNX Runtime and its providers,
+    TensorRT), the devices and the installed versions.
+    ARTIFACT: its kind, backbone, image size, precision, source weights,
+    tool versions and, for FP16/INT8 variants, the accuracy gate's report.
+    """
+    from hsnet_deploy import info as info_lib
+    from hsnet_deploy.console import kv_table, out
+    from hsnet_deploy.outputs import check_outputs
+
+    check_outputs([("--json", json_path)], [("ARTIFACT", artifact)])
+    facts = info_lib.describe(artifact)
+    rows = info_lib.artifact_rows(facts) if artifact else info_lib.environment_rows(facts)
+    out.print(kv_table(f"{Path(artifact).name}" if artifact else "this machine", rows))
+    write_json(json_path, facts, "facts")
 
 @cli.command()
 @click.argument("artifact", type=click.Path(dir_okay=False))

@@ -39,5 +39,15 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[object]]) 
     return t
 
 
+def kv_table(title: str, rows: Iterable[tuple[str, object]]) -> Table:
+    """Two left-aligned columns, name and value: a record (an artifact's facts, this machine's) at a glance."""
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    for name, value in rows:
+        t.add_row(name, "-" if value is None else str(value))
+    return t
+
+
 def dumps(obj: object) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -4,8 +4,8 @@ the mask written at the query's original size, plus an overlay a person can look
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hsnet_deploy.artifacts import atomic_path
-from hsnet_deploy.data.preprocess import image_to_tensor, load_binary_mask, load_image, mask_to_tensor
+from hsnet_deploy.data.preprocess import (
+    image_to_tensor,
+    load_binary_mask,
+    load_image,
+    mask_to_tensor,
+    original_size,
+)
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.outputs import check_output_folder, check_outputs, unique_names
 from hsnet_deploy.runtime.base import Runner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -27,24 +34,26 @@ class Supports:
     images: np.ndarray  # (K, 3, S, S) float32, preprocessed once
     masks: np.ndarray  # (K, S, S) float32 {0, 1}
     empty: list[str]  # mask files with no foreground (the caller warns)
+    warnings: list[str] = field(default_factory=list)  # e.g. a mask that looks like a photo (the caller warns)
 
 
 def load_supports(pairs: list[tuple[str, str]], size: int) -> Supports:
     """Read and preprocess the K (image, mask) pairs once; a mask must have its image's size."""
     if not pairs:
         raise UserError("at least one --support IMAGE MASK pair is needed")
-    images, masks, empty = [], [], []
+    images, masks, empty, notes = [], [], [], []
     for img_path, mask_path in pairs:
         img = load_image(img_path)
-        mask = load_binary_mask(mask_path, require_foreground=False)
-        if mask.shape != (img.height, img.width):
+        mask = load_binary_mask(mask_path, require_foreground=False, notes=notes)
+        width, height = original_size(img)
+        if mask.shape != (height, width):
             raise UserError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path} is "
-                            f"{img.width}x{img.height}")
+                            f"{width}x{height}")
         if not mask.any():
             empty.append(str(mask_path))
         images.append(image_to_tensor(img, size).numpy())
         masks.append(mask_to_tensor(mask, size).numpy())
-    return Supports(np.stack(images), np.stack(masks), empty)
+    return Supports(np.stack(images), np.stack(masks), empty, notes)
 
 
 def list_queries(query: str) -> list[Path]:
@@ -62,9 +71,12 @@ def list_queries(query: str) -> list[Path]:
 def mask_at_original_size(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     """(K, 2, S, S) logits -> (height, width) uint8 {0, 1}: bilinear (align_corners) upsampling of the
     logits before the argmax, then the authors' K-shot vote (as their --use_original_imgsize)."""
-    up = F.interpolate(torch.from_numpy(logits), (height, width), mode="bilinear", align_corners=True)
-    votes = (up[:, 1] > up[:, 0]).sum(dim=0).float()
-    return (votes / votes.max().clamp(min=1) >= 0.5).to(torch.uint8).numpy()
+    votes = torch.zeros((height, width), dtype=torch.int32)
+    for shot in torch.from_numpy(logits):  # one shot at a time: memory does not grow with K
+        up = F.interpolate(shot[None], (height, width), mode="bilinear", align_corners=True)[0]
+        votes += up[1] > up[0]
+        del up
+    return (votes.float() / votes.max().clamp(min=1) >= 0.5).to(torch.uint8).numpy()
 
 
 def overlay(img: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
@@ -99,10 +111,16 @@ def predict(
         feed = {"query_img": image_to_tensor(img, size).numpy()[None], **feed_supports}
         logits = runner.infer(feed)["logits"][0]
         mask = mask_at_original_size(logits.astype(np.float32), img.height, img.width)
+        size_on_disk = original_size(img)
+        mask_img = Image.fromarray(mask * 255)
+        if size_on_disk != img.size:  # decoded reduced (over the pixel limit): the mask still fits the file
+            mask_img = mask_img.resize(size_on_disk, Image.NEAREST)
         out = mask_out(query)
-        save_image(Image.fromarray(mask * 255), out)
+        save_image(mask_img, out)
         record = {"query": str(query), "mask": str(out), "foreground_fraction": float(mask.mean()),
-                  "size": [img.width, img.height], "seconds": runner.inference_times[-1]}
+                  "size": list(size_on_disk), "seconds": runner.inference_times[-1]}
+        if size_on_disk != img.size:
+            record["decoded_size"] = [img.width, img.height]
         if overlay_out is not None:
             record["overlay"] = str(overlay_out(query))
             save_image(overlay(img, mask), overlay_out(query))
@@ -111,14 +129,45 @@ def predict(
     return written
 
 
-def output_paths(output: str, overlay_path: str | None, queries: list[Path], is_dir_query: bool):
-    """For one query: the given files. For a folder: OUTPUT and --overlay are folders, one file per query."""
+MASK_SUFFIX = ".png"
+OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def output_paths(
+    output: str,
+    overlay_path: str | None,
+    queries: list[Path],
+    is_dir_query: bool,
+    inputs: Sequence[tuple[str, str | os.PathLike | None]] = (),
+    extra_outputs: Sequence[tuple[str, str | os.PathLike | None]] = (),
+):
+    """For one query: the given files. For a folder: OUTPUT and --overlay are folders, one file per query,
+    each query mapped to its own name (`a.jpg` and `a.png` both in the folder: `a.jpg.png`, `a.png.png`).
+
+    Checked before any work: masks are PNG (a JPEG would blur the 0/255 mask into many grey values), no
+    output replaces an input or another output, every folder is writable. Creates the output folders.
+    """
     if not is_dir_query:
+        if Path(output).suffix.lower() != MASK_SUFFIX:
+            raise UserError(f"{output}: -o: the mask is written as PNG (lossless 0/255; a JPEG would blur it into "
+                            "many grey values); give a .png path")
+        if overlay_path and Path(overlay_path).suffix.lower() not in OVERLAY_SUFFIXES:
+            raise UserError(f"{overlay_path}: --overlay: expected a .png or .jpg path")
+        check_outputs([("-o", output), ("--overlay", overlay_path), *extra_outputs], inputs)
         return (lambda q: Path(output)), ((lambda q: Path(overlay_path)) if overlay_path else None)
+    query_dir = [("--query", queries[0].parent)] if queries else []
+    for label, folder in (("-o", output), ("--overlay", overlay_path)):
+        if folder:
+            check_output_folder(folder, label, [*query_dir, *inputs])
+    mask_names = unique_names(queries, MASK_SUFFIX)
+    over_names = unique_names(queries, ".jpg")
+    planned = [("-o", Path(output) / mask_names[q]) for q in queries]
+    if overlay_path:
+        planned += [("--overlay", Path(overlay_path) / over_names[q]) for q in queries]
+    check_outputs(extra_outputs, inputs)
+    check_outputs([*planned, *extra_outputs], [*inputs, *(("--query", q) for q in queries)], check_folders=False)
     for folder in filter(None, (output, overlay_path)):
-        if Path(folder).exists() and not Path(folder).is_dir():
-            raise UserError(f"{folder}: with --query DIR this must be a directory")
         os.makedirs(folder, exist_ok=True)
-    mask_fn = lambda q: Path(output) / f"{q.stem}.png"
-    over_fn = (lambda q: Path(overlay_path) / f"{q.stem}.jpg") if overlay_path else None
+    mask_fn = lambda q: Path(output) / mask_names[q]
+    over_fn = (lambda q: Path(overlay_path) / over_names[q]) if overlay_path else None
     return mask_fn, over_fn

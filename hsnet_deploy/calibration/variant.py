@@ -110,6 +110,23 @@ def _load(episodes, size: int, progress: _Progress, what: str) -> list[EpisodeSa
     return samples
 
 
+def variant_stages(proto: onnx.ModelProto, stages: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The FP32 export's stage map carried over to a variant: nodes the conversion added or renamed (FP16
+    Casts, INT8 Q/DQ pairs) take the stage of their neighbours, so per-stage profiles of the variant put
+    their time where it belongs rather than under "other". Lists node names and first outputs, as the
+    export does (ONNX Runtime names some rewritten nodes after their output)."""
+    from hsnet_deploy.export.stages import node_stages
+
+    stage_of = {name: stage for stage, names in stages.items() for name in names}
+    labelled = node_stages(proto, stage_of)
+    out: dict[str, list[str]] = {stage: [] for stage in stages}
+    for node in proto.graph.node:
+        names = out.setdefault(labelled[node.name], [])
+        names.append(node.name)
+        names.extend(o for o in node.output[:1] if o and o != node.name)
+    return out
+
+
 def make_variant(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -208,7 +225,6 @@ def make_variant(
 
             new_meta = dict(props_to_meta({p.key: p.value for p in proto.metadata_props}) or meta)
             new_meta.update(meta)
-            present = {n.name for n in proto.graph.node}
             new_meta.update({
                 "precision": precision,
                 "variant": info,
@@ -218,7 +234,7 @@ def make_variant(
                 "source_model": src.name,
                 "source_sha256": sha256_file(src),
                 "versions": _versions(),
-                "stages": {k: [n for n in v if n in present] for k, v in meta.get("stages", {}).items()},
+                "stages": variant_stages(proto, meta.get("stages", {})),
             })
             if not report.passed:
                 failure = GateFailure(

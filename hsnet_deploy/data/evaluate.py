@@ -302,7 +302,8 @@ def evaluate(
             },
         )
 
-    bar = _progress_bar(progress, console, f"{eset.dataset} fold {eset.fold} {eset.shots}-shot")
+    fold = "" if eset.dataset == "fss" else f" fold {eset.fold}"  # FSS-1000 has one test split, no folds
+    bar = _progress_bar(progress, console, f"{eset.dataset}{fold} {eset.shots}-shot")
     loader = _Prefetcher(eset.episodes, start, batch, img_size, prefetch, workers) if start < n else None
     try:
         with bar:

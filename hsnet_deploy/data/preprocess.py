@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -25,22 +26,70 @@ IMAGENET_STD = (0.229, 0.224, 0.225)  # authors' data/dataset.py (FSSDataset.img
 IGNORE_LABEL = 255  # authors' common/evaluation.py: PASCAL boundary pixels
 
 
-def _open(path: str | os.PathLike, what: str) -> Image.Image:
+DEFAULT_MAX_MEGAPIXELS = 40.0  # a 48 MP phone photo in JPEG still decodes (reduced); a 150 MP PNG does not
+_limits = {"max_pixels": int(DEFAULT_MAX_MEGAPIXELS * 1e6)}
+DRAFT_SCALES = (2, 4, 8)  # what a JPEG decoder can reduce by while decoding (DCT scaling)
+
+
+def set_max_pixels(max_pixels: int | None) -> None:
+    """The decode limit for every image and mask this process reads (None: no limit of ours)."""
+    _limits["max_pixels"] = int(max_pixels) if max_pixels else None
+
+
+def max_pixels() -> int | None:
+    return _limits["max_pixels"]
+
+
+def _check_pixels(img: Image.Image, path: str | os.PathLike, what: str, reducible: bool) -> None:
+    """Refuse an image over the pixel limit before decoding it, naming the file; a JPEG photo (not a mask)
+    is instead decoded at 1/2, 1/4 or 1/8 scale, enough for a model that looks at a few hundred pixels."""
+    limit = _limits["max_pixels"]
+    w, h = img.size
+    img.info["original_size"] = (w, h)
+    if not limit or w * h <= limit:
+        return
+    if reducible and img.format == "JPEG":
+        for d in DRAFT_SCALES:
+            if -(-w // d) * -(-h // d) <= limit:
+                img.draft(img.mode, (w // d, h // d))
+                img.info["original_size"] = (w, h)
+                return
+    raise UserError(f"{path}: {what} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the limit of "
+                    f"{limit / 1e6:g} megapixels; raise it with --max-megapixels or shrink the file")
+
+
+def _open(path: str | os.PathLike, what: str, reducible: bool = False) -> Image.Image:
     try:
-        img = Image.open(path)
-        img.load()  # decode now, so a truncated file fails here with its name, not later
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            img = Image.open(path)
+            _check_pixels(img, path, what, reducible)
+            img.load()  # decode now, so a truncated file fails here with its name, not later
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"{path}: {what} file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected an {what} file") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: {what} too large to decode ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read {what} ({exc})") from None
     return img
 
 
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the file, before any reduction on decode."""
+    return tuple(img.info.get("original_size", img.size))
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB (grey, palette and RGBA images are converted, as the authors' `.convert('RGB')`)."""
-    return _open(path, "image").convert("RGB")
+    """Open an image as RGB (grey, palette and RGBA images are converted, as the authors' `.convert('RGB')`).
+
+    Over the pixel limit (`set_max_pixels`) a JPEG is decoded reduced, any other format is refused;
+    `original_size(img)` gives the file's own size either way.
+    """
+    return _open(path, "image", reducible=True).convert("RGB")
 
 
 def image_to_tensor(img: Image.Image, size: int = IMG_SIZE) -> torch.Tensor:
@@ -113,21 +162,33 @@ def binary_mask(labels: np.ndarray, *, palette: bool = False) -> np.ndarray:
     return labels >= 128
 
 
-def load_binary_mask(path: str | os.PathLike, *, require_foreground: bool = True) -> np.ndarray:
+def load_binary_mask(
+    path: str | os.PathLike, *, require_foreground: bool = True, notes: list[str] | None = None
+) -> np.ndarray:
     """A user's mask file (e.g. `predict --support IMG MASK`) as float32 {0, 1} (H, W), per `binary_mask`.
 
     An empty support mask would make every support feature zero and the prediction meaningless, so by
-    default it is an error naming the file.
+    default it is an error naming the file. `notes`: gets a warning naming the file when the mask looks
+    like no mask at all (most pixels grey, e.g. a photo or noise saved as the mask).
     """
     img = _open(path, "mask")
     palette = img.mode in ("P", "PA")
+    labels = _labels(img, path, luminance=False)
     try:
-        fg = binary_mask(_labels(img, path, luminance=False), palette=palette)
+        fg = binary_mask(labels, palette=palette)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     if require_foreground and not fg.any():
         raise UserError(f"{path}: mask has no foreground pixels")
+    if notes is not None and not palette and labels.size:
+        grey = float(np.count_nonzero((labels > 1) & (labels < 255))) / labels.size
+        if grey > GREY_MASK_SHARE:
+            notes.append(f"{path}: {grey:.0%} of the mask's pixels are grey (neither 0 nor 255): is it a mask? "
+                         "It is read as foreground where >= 128")
     return fg.astype(np.float32)
+
+
+GREY_MASK_SHARE = 0.05  # antialiased edges of a real 0/255 mask stay well below this
 
 
 def mask_to_tensor(mask: np.ndarray, size: int = IMG_SIZE) -> torch.Tensor:

@@ -200,7 +200,8 @@ def export_onnx(
         _drop_outputs(proto, PYRAMID_NAMES)
         present = {n.name for n in proto.graph.node} | {o for n in proto.graph.node for o in n.output}
         stages = {stage: [n for n in names if n in present] for stage, names in stages.items()}
-        report.stage_nodes = {stage: len(names) for stage, names in stages.items()}
+        node_names = {n.name for n in proto.graph.node}  # the map lists outputs too: count nodes only
+        report.stage_nodes = {stage: sum(n in node_names for n in names) for stage, names in stages.items()}
         meta = {
             "format": "hsnet-deploy/onnx-v1",
             "backbone": model.backbone_name,

@@ -41,6 +41,11 @@ def plan_runners(
         base_backbone, img_size = eager_runners[id(first)].model.backbone_name, 400
     else:
         base_backbone, img_size = first.meta["backbone"], int(first.meta["img_size"])
+    for art in arts:  # one eager baseline and one FLOP count: every artifact must share the backbone
+        other = eager_runners[id(art)].model.backbone_name if art.kind == "checkpoint" else art.meta.get("backbone")
+        if other != base_backbone:
+            raise UserError(f"{art.path}: a {other} model, but {first.path} is {base_backbone}; the eager baseline "
+                            "and FLOP count are per backbone, so bench one backbone per run")
     has_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     runners: list[Runner] = []
     skipped: list[str] = []
@@ -93,8 +98,8 @@ def _tensorrt_status() -> str:
     try:
         import tensorrt  # noqa: F401
     except (ImportError, OSError):
-        return ("tensorrt: not installed (its builder cannot be installed on this project's machines; "
-                "build a plan elsewhere and pass it as ARTIFACT)")
+        return ("tensorrt: not installed here (pip install \"hsnet-deploy[tensorrt]\" on a machine with an NVIDIA "
+                "GPU, or build a plan elsewhere and pass it as ARTIFACT)")
     return "tensorrt: installed; build a plan with `hsnet-deploy build-engine --backend tensorrt` and pass it"
 
 

@@ -17,8 +17,8 @@ from hsnet_deploy.errors import UserError
 TRT_INSTALL = 'pip install "hsnet-deploy[tensorrt]" (tensorrt + cuda-python, on a machine with an NVIDIA GPU)'
 TRT_LEAN_INSTALL = 'pip install "hsnet-deploy[tensorrt-lean]"  (tensorrt-lean-cu13 + cuda-python)'
 BUILDER_NOTE = (
-    "the TensorRT builder libraries (tensorrt-cu13-libs / -cu12-libs) download from NVIDIA's own servers, "
-    "which this project's machines cannot reach, so engines are built elsewhere"
+    "the TensorRT builder libraries (tensorrt-cu13-libs / -cu12-libs) download from NVIDIA's own servers "
+    "(pypi.nvidia.com); where that is out of reach, build the plan on a machine that has it"
 )
 CUDA_INSTALL = "pip install cuda-python"
 

@@ -1,0 +1,99 @@
+"""What each command refuses before it starts work: option combinations that make no sense, inputs a
+command cannot use, outputs that would replace an input. Every refusal is a UserError (`Error:`, exit 2)
+naming the option or file, raised before minutes of export, calibration or benchmarking are spent.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from hsnet_deploy.errors import UserError
+from hsnet_deploy.outputs import check_outputs
+
+
+def precision_flags(fp16: bool, int8: bool) -> str:
+    """`--fp16 --int8` together would build one of them silently: refuse."""
+    if fp16 and int8:
+        raise UserError("--fp16 and --int8 exclude each other: build one variant per command")
+    return "fp16" if fp16 else "int8" if int8 else "fp32"
+
+
+def build_engine(
+    model: str, output: str, precision: str, backend: str, calib_data: str | None, variant_onnx: str | None,
+    json_path: str | None, timing_cache: str | None,
+) -> None:
+    """Refuse what `build-engine` cannot honour; the model's own checks follow in the builders."""
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+
+    if calib_data and precision == "fp32":
+        raise UserError("--calib-data is used by --int8 (calibration and gate) and --fp16 (gate episodes); "
+                        "without either it would be ignored")
+    if precision == "int8" and not calib_data:
+        raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
+    if variant_onnx and (backend != "tensorrt" or precision == "fp32"):
+        raise UserError("--variant-onnx is where --backend tensorrt keeps its --fp16/--int8 ONNX; "
+                        "here it would be ignored")
+    if calib_data and not Path(calib_data).is_dir():
+        raise UserError(f"{calib_data}: --calib-data folder not found")
+    meta = read_onnx_meta(Path(model))
+    if meta.get("ort_version") or meta.get("ort_device"):
+        raise UserError(f"{model}: is an ONNX Runtime-optimised model (its fused nodes are ONNX Runtime's own); "
+                        "build from the FP32 export that `hsnet-deploy export` wrote")
+    if meta.get("precision", "fp32") != "fp32":
+        raise UserError(f"{model}: is already a {meta['precision']} variant; build from the FP32 export")
+    outputs = [("-o", output)]
+    if backend == "tensorrt":
+        outputs.append(("the plan's metadata file", f"{output}.json"))
+        if precision != "fp32":
+            outputs.append(("--variant-onnx", variant_onnx or f"{output}.onnx"))
+    outputs.append(("--json", json_path))
+    inputs = [("MODEL", model), ("--timing-cache", timing_cache)]
+    check_outputs(outputs, inputs)
+
+
+def bench(artifacts: list[str], device: str, cuda_graph: bool, json_path: str | None) -> None:
+    if cuda_graph and device == "cpu":
+        raise UserError("--cuda-graph captures ONNX Runtime's CUDA run; with --device cpu it would be ignored")
+    check_outputs([("--json", json_path)], [("ARTIFACT", a) for a in artifacts])
+
+
+def export(output: str, json_path: str | None, checkpoint: str | None) -> None:
+    check_outputs([("-o", output), ("--json", json_path)], [("--checkpoint", checkpoint)])
+
+
+def eval_state_path(artifact: str, state: str | None) -> str:
+    """The evaluation state's path: --state, else beside the artifact (never derived from --json, so adding
+    --json to a resumed run still finds its state). A read-only artifact folder gets a hint, not a dead end."""
+    if state:
+        return state
+    path = Path(f"{artifact}.eval-state.json")
+    folder = path.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK):
+        raise UserError(f"{path}: the artifact's folder {folder} is not writable, so the evaluation state "
+                        "(kept for --resume) cannot go beside it; give --state PATH in a writable folder")
+    return str(path)
+
+
+def evaluate(artifact: str, state: str, json_path: str | None) -> None:
+    check_outputs([("--state", state), ("--json", json_path)], [("ARTIFACT", artifact)])
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that resumes this `eval` run: the same arguments plus --resume."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["hsnet-deploy", *args])
+
+
+def support_pairs(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """`--support IMG MASK` takes two values: a pair whose mask is missing swallows the next option
+    (`--support s.jpg -o m.png` reads `-o` as the mask). Say so, instead of `Missing option '-o'`."""
+    for image, mask in pairs:
+        if mask.startswith("-") and not Path(mask).exists():
+            raise UserError(f"--support {image}: its MASK is missing (the next argument, {mask!r}, is an option); "
+                            "give --support IMAGE MASK")
+    return pairs
