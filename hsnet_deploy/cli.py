@@ -61,10 +61,11 @@ def cli() -> None:
 
     \b
     Typical flow:
-      hsnet-deploy export --backbone resnet50 --checkpoint best_model.pt -o hsnet.onnx
-      hsnet-deploy build-engine hsnet.onnx --backend onnxruntime -o hsnet.ort.onnx
-      hsnet-deploy bench hsnet.onnx hsnet.ort.onnx
-      hsnet-deploy predict hsnet.onnx --query q.jpg --support s.jpg s.png -o mask.png
+      hsnet-deploy export --backbone resnet50 --checkpoint best.pt -o m.onnx
+      hsnet-deploy build-engine m.onnx --backend onnxruntime -o m.ort.onnx
+      hsnet-deploy bench m.onnx m.ort.onnx
+      hsnet-deploy predict m.onnx --query q.jpg --support s.jpg s.png -o q.png
+      hsnet-deploy info m.onnx
     """
 
 
@@ -203,18 +204,23 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
     """Compile an exported ONNX model for a backend.
 
     \b
-    onnxruntime: ONNX Runtime's graph optimisations applied once and saved (with the metadata) as an
-                 ONNX model tied to this ONNX Runtime version and device.
-    tensorrt:    a strongly typed TensorRT plan (10.x / 11.x) with one optimisation profile over B and K;
-                 the plan file is unmodified (trtexec loads it), the metadata sits in OUTPUT.json.
+    onnxruntime: ONNX Runtime's graph optimisations applied once and saved
+                 (with the metadata), tied to this ONNX Runtime and device.
+    tensorrt:    a strongly typed TensorRT plan (10.x / 11.x), one profile
+                 over B and K; the plan is unmodified (trtexec loads it),
+                 the metadata sits in OUTPUT.json.
 
     \b
-    --fp16: a mixed-precision ONNX (ModelOpt AutoCast) keeping in FP32 what must stay (the support-mask
-            path, the L2 normalisation, GroupNorm, the vote).
-    --int8: explicit Q/DQ calibrated on --calib-data; the scheme follows the backend (uint8 activations
-            for ONNX Runtime's CPU kernels, symmetric int8 with zero-point 0 for TensorRT).
-    Both are compared with FP32 on held-out episodes; a variant that fails the gate is not written (exit 1).
-    With --backend tensorrt the variant ONNX is kept beside the plan and built strongly typed.
+    --fp16: mixed-precision ONNX (ModelOpt AutoCast) keeping in FP32 what
+            must stay (support-mask path, L2 norm, GroupNorm, the vote).
+    --int8: explicit Q/DQ calibrated on --calib-data; the scheme follows
+            the backend (uint8 activations for ONNX Runtime's CPU kernels,
+            symmetric int8, zero-point 0, for TensorRT).
+
+    Both are compared with FP32 on held-out episodes; a variant that fails the gate is not written
+    (exit 1); --json keeps the gate report. With --backend tensorrt the variant ONNX is kept beside
+    the plan and built strongly typed. Refused before any work: an output that is an input,
+    --fp16 with --int8, --calib-data without either, an ONNX Runtime-optimised or FP16/INT8 MODEL.
     """
     from hsnet_deploy import preflight
     from hsnet_deploy.console import dumps, err, out
@@ -508,7 +514,8 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
         sys.exit(130)
     rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
     names = {"fss": "FSS-1000", "pascal": f"PASCAL-5i fold {fold}", "coco": f"COCO-20i fold {fold}"}
-    out.print(table(f"{names[dataset]}, {shots}-shot, {result.episodes} episodes", ["class", "IoU %"], rows))
+    out.print(f"[bold]{names[dataset]}, {shots}-shot, {result.episodes} episodes[/]")  # a line: never wrapped
+    out.print(table("", ["class", "IoU %"], rows))
     out.print(f"runner: {info.label}, {artifact}")
     backbone_name, authors = _artifact_origin(runner)
     paper = PAPER_MIOU.get((dataset, backbone_name))

@@ -126,8 +126,9 @@ def test_importing_the_package_leaves_heavy_quantisers_alone():
 
 
 def test_default_thresholds_follow_ground_truth():
-    with_gt = GateThresholds.defaults(True)
-    assert with_gt.max_miou_drop == 1.0 and with_gt.min_mean_agreement is None and with_gt.min_sign_agreement is None
+    with_gt = GateThresholds.defaults(True)  # ground truth adds the mIoU check; agreement still applies
+    assert with_gt.max_miou_drop == 1.0 and with_gt.min_mean_agreement == 0.95 and with_gt.min_sign_agreement == 0.999
+    assert not with_gt.miou_required and GateThresholds.defaults(True, max_miou_drop=0.5).miou_required
     without = GateThresholds.defaults(False, max_miou_drop=0.5)
     assert without.min_mean_agreement == 0.95 and without.min_sign_agreement == 0.999
     assert without.max_miou_drop == 0.5

@@ -71,8 +71,11 @@ def _open(path: str | os.PathLike, what: str, reducible: bool = False) -> Image.
         raise UserError(f"{path}: {what} file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected an {what} file") from None
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"{path}: {what} too large to decode ({exc})") from None
+    except Image.DecompressionBombError:  # beyond twice Pillow's own limit: refused before even our check
+        limit = _limits["max_pixels"]
+        ours = f", over the limit of {limit / 1e6:g} megapixels" if limit else ""
+        raise UserError(f"{path}: {what} is over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels{ours}, "
+                        "too large to decode safely; shrink the file") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read {what} ({exc})") from None
     return img
