@@ -153,7 +153,8 @@ def output_paths(
                             "many grey values); give a .png path")
         if overlay_path and Path(overlay_path).suffix.lower() not in OVERLAY_SUFFIXES:
             raise UserError(f"{overlay_path}: --overlay: expected a .png or .jpg path")
-        check_outputs([("-o", output), ("--overlay", overlay_path), *extra_outputs], inputs)
+        check_outputs([("-o", output), ("--overlay", overlay_path), *extra_outputs],
+                      [*inputs, *(("--query", q) for q in queries)])
         return (lambda q: Path(output)), ((lambda q: Path(overlay_path)) if overlay_path else None)
     query_dir = [("--query", queries[0].parent)] if queries else []
     for label, folder in (("-o", output), ("--overlay", overlay_path)):

@@ -445,6 +445,8 @@ HOSTILE = [
                               "{T}/o.png"], "bomb.png"),
     ("predict-jpeg-mask", ["predict", "{MODEL}", "--query", "{S}", "--support", "{S}", "{M}", "-o", "{T}/o.jpg"],
      "o.jpg"),
+    ("predict-over-query", ["predict", "{MODEL}", "--query", "{T}/q.png", "--support", "{S}", "{M}", "-o",
+                            "{T}/q.png"], "{T}/q.png"),
     ("predict-over-support", ["predict", "{MODEL}", "--query", "{S}", "--support", "{S}", "{M}", "-o", "{M}"], "{M}"),
     ("predict-overlay-is-output", ["predict", "{MODEL}", "--query", "{S}", "--support", "{S}", "{M}", "-o",
                                    "{T}/o.png", "--overlay", "{T}/o.png"], "{T}/o.png"),
@@ -464,6 +466,8 @@ HOSTILE = [
 def test_hostile_input_exits_2_naming_the_culprit(hostile, name, args, culprit):
     if name == "predict-query-dir-is-output":
         _pair(Path(hostile["T"]) / "adir", "q")
+    if name == "predict-over-query":
+        Image.new("RGB", (40, 30)).save(Path(hostile["T"]) / "q.png")
     before = sorted(p.name for p in Path(hostile["T"]).rglob("*"))
     code, _, err = run_cli(*[a.format(**hostile) for a in args])
     text = " ".join(err.split())
