@@ -624,7 +624,7 @@ def info(artifact, json_path):
 @cli.command()
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port to listen on.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Model replicas.")
 @click.option("--gpus-per-replica", default=0.0, show_default=True, type=click.FloatRange(0),
               help="GPUs each replica reserves (fractions share a GPU).")
@@ -644,7 +644,8 @@ def info(artifact, json_path):
               help="Largest request body (413 above).")
 @click.option("--max-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1),
               help="Largest width x height of one uploaded image or mask (413 above).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where each replica runs (auto: CUDA where the backend can use it).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (and Ray CPUs) per replica [default: 1 Ray CPU, "
               "all threads].")
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
@@ -653,12 +654,14 @@ def serve(artifact, host, port, replicas, gpus_per_replica, max_batch, batch_wai
     """Serve segmentation over HTTP on Ray Serve (extra: pip install -e ".[serve]").
 
     \b
-    POST /support-sets  multipart: K `image` + K `mask` files   -> {"id": ...}
-    POST /segment       multipart: `image` file + `support_set` -> mask PNG (0/255, query size)
-                        ?format=json -> {"height", "width", "foreground_fraction", "rle"}
+    POST /support-sets  multipart: K `image` + K `mask` files -> {"id": ...}
+    POST /segment       multipart: `image` file + `support_set`
+                        -> mask PNG (0/255, query size); ?format=json ->
+                        {"height", "width", "foreground_fraction", "rle"}
     GET  /health, GET /info
-    Bad requests get JSON {"error": ...} with 400/404/413; a request in flight on a replica that dies gets a
-    retriable 503. Without --address a local Ray is started; Ctrl-C stops the service.
+
+    Bad requests get JSON {"error": ...} with 400/404/413; a request in flight on a replica that dies
+    gets a retriable 503. Without --address a local Ray is started; Ctrl-C stops the service.
     """
     from hsnet_deploy.console import err
     from hsnet_deploy.runtime.artifact import inspect_artifact
