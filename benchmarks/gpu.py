@@ -42,11 +42,9 @@ import torch
 from record import md_table, record
 
 from hsnet_deploy.model import seeded_model
-from hsnet_deploy.runtime.artifact import inspect_artifact, open_artifact
+from hsnet_deploy.runtime.artifact import inspect_artifact, open_artifact, open_model
 from hsnet_deploy.runtime.bench import device_io_latency, latency_summary, random_feed
 from hsnet_deploy.runtime.ort_cuda import CUDA_EP_CHOICES, CUDA_EP_DEFAULTS
-from hsnet_deploy.runtime.torch_compile import CompiledTorchRunner
-from hsnet_deploy.runtime.torch_runner import TorchRunner
 
 SEED = 0
 
@@ -124,7 +122,7 @@ def measure(matrix: Matrix, name: str, make_runner, feeds: dict[int, dict], args
                        "episodes_per_s": b / (lat["mean"] / 1e3), **(extra or {})}
                 if runner.supports_device_io:
                     row["device_io_ms"] = device_io_latency(runner, feed, args.iters, args.warmup)
-                compile_s = getattr(runner, "compile_seconds", {}).get((b, args.shots))
+                compile_s = (runner.info.details.get("compile_s") or {}).get((b, args.shots))
                 if compile_s is not None:
                     row["compile_s"] = compile_s
                 if refs is not None and b in refs:
@@ -148,14 +146,14 @@ def measure(matrix: Matrix, name: str, make_runner, feeds: dict[int, dict], args
 
 def torch_part(matrix: Matrix, model, feeds, args) -> None:
     dev = args.device
-    measure(matrix, "pytorch eager fp32", lambda: TorchRunner(model, dev, "fp32"), feeds, args)
+    measure(matrix, "pytorch eager fp32", lambda: open_model(model, dev, "fp32"), feeds, args)
     if dev == "cuda":
-        measure(matrix, "pytorch eager fp16 autocast", lambda: TorchRunner(model, dev, "fp16"), feeds, args)
+        measure(matrix, "pytorch eager fp16 autocast", lambda: open_model(model, dev, "fp16"), feeds, args)
     else:
         matrix.skip("pytorch eager fp16 autocast", "FP16 autocast is for CUDA")
     precision = "fp16" if dev == "cuda" else "fp32"
     measure(matrix, f"torch.compile reduce-overhead {precision}",
-            lambda: CompiledTorchRunner(model, dev, precision, "reduce-overhead", args.compile_backend), feeds, args,
+            lambda: open_model(model, dev, precision, compile_mode="reduce-overhead", compile_backend=args.compile_backend), feeds, args,
             extra={"compile_backend": args.compile_backend})
 
 
@@ -164,7 +162,7 @@ def parity_refs(model, feeds, device: str) -> dict[int, dict]:
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with TorchRunner(model, device, "fp32") as runner:
+        with open_model(model, device, "fp32") as runner:
             return {b: runner.infer(feed) for b, feed in feeds.items()}
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

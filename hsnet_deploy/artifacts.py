@@ -12,6 +12,10 @@ from pathlib import Path
 
 from hsnet_deploy.errors import UserError
 
+# Every artifact's inputs and outputs (contract.md): the exporter writes them, every runner reads them.
+INPUT_NAMES = ("query_img", "support_imgs", "support_masks")
+OUTPUT_NAMES = ("logits", "mask")
+
 
 def check_output_path(path: str | os.PathLike) -> Path:
     """Refuse an output path that cannot become a file, before any expensive work starts."""

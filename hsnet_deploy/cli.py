@@ -426,20 +426,6 @@ def _open_runner(artifact, device, backbone, threads, img_size=None):
     return open_artifact(artifact, device, backbone, img_size=img_size, threads=threads)
 
 
-def _runner_img_size(runner) -> int:
-    """The artifact's fixed image size; an eager checkpoint takes the authors' 400."""
-    return int((getattr(runner, "meta", None) or {}).get("img_size", 400))
-
-
-def _artifact_origin(runner) -> tuple[str | None, bool]:
-    """(backbone, made from the authors' weights?) from the runner's model or metadata."""
-    model = getattr(runner, "model", None)
-    if model is not None:
-        return model.backbone_name, getattr(model, "source_format", "") == "authors"
-    meta = getattr(runner, "meta", {}) or {}
-    return meta.get("backbone"), meta.get("checkpoint_format") == "authors"
-
-
 @cli.command("eval")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--dataset", required=True, type=click.Choice(["fss", "pascal", "coco"]),
@@ -494,7 +480,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
         torch.set_num_threads(threads)
     runner = _open_runner(artifact, device, backbone, threads)
     _warn_seeded(runner, artifact)
-    img_size = _runner_img_size(runner)
+    img_size = runner.info.img_size
     eset = build_episodes(dataset, data_root, fold=fold, shots=shots, episodes=episodes, splits_dir=splits_dir)
     info = runner.info
     fingerprint = {"artifact_sha256": sha256_file(artifact), "backend": info.backend, "precision": info.precision}
@@ -517,7 +503,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     out.print(f"[bold]{names[dataset]}, {shots}-shot, {result.episodes} episodes[/]")  # a line: never wrapped
     out.print(table("", ["class", "IoU %"], rows))
     out.print(f"runner: {info.label}, {artifact}")
-    backbone_name, authors = _artifact_origin(runner)
+    backbone_name, authors = runner.info.backbone, runner.info.authors_weights
     paper = PAPER_MIOU.get((dataset, backbone_name))
     paper_text = ""
     if paper and authors and shots in (1, 5):
@@ -565,7 +551,7 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
                                                    [("--json", json_path)])
     runner = _open_runner(artifact, device, backbone, threads)
     _warn_seeded(runner, artifact)
-    img_size = _runner_img_size(runner)
+    img_size = runner.info.img_size
     loaded = predict_lib.load_supports(list(supports), img_size)
     for path in loaded.empty:
         err.print(f"[yellow]Warning: {path}: the support mask is empty; that shot cannot show the object[/]")

@@ -227,7 +227,7 @@ def run_gate(
     `reference`: FP32 outputs already computed for `samples`, so several variants gate against one run.
     """
     from hsnet_deploy.data.metrics import IoUAccumulator
-    from hsnet_deploy.runtime.ort_runner import OrtRunner
+    from hsnet_deploy.runtime.artifact import open_artifact
 
     report = GateReport(precision, thresholds or GateThresholds())
     if reference is None:
@@ -236,7 +236,7 @@ def run_gate(
     ids = class_ids or tuple(sorted({s.class_id for s in samples}))
     acc_ref, acc_var = IoUAccumulator(ids), IoUAccumulator(ids)
     # The variant's metadata is written only once it passes, so the runner gets the precision directly.
-    with OrtRunner(str(variant_path), {"precision": precision}, "cpu", threads) as runner:
+    with open_artifact(variant_path, "cpu", threads=threads, precision=precision, require_meta=False) as runner:
         for sample, ref in zip(samples, reference):
             var = runner.infer(sample.feed)
             ep = compare_outputs(sample.name, ref, var)
@@ -263,10 +263,10 @@ def run_gate(
 def fp32_outputs(fp32_path: str | os.PathLike, samples: list[EpisodeSample], threads: int | None = None,
                  on_episode: Callable[[], None] | None = None) -> list[dict[str, np.ndarray]]:
     """The reference: the FP32 export in ONNX Runtime on the CPU."""
-    from hsnet_deploy.runtime.ort_runner import OrtRunner
+    from hsnet_deploy.runtime.artifact import open_artifact
 
     outputs = []
-    with OrtRunner(str(fp32_path), {"precision": "fp32"}, "cpu", threads) as runner:
+    with open_artifact(fp32_path, "cpu", threads=threads, precision="fp32", require_meta=False) as runner:
         for s in samples:
             outputs.append(runner.infer(s.feed))
             if on_episode:

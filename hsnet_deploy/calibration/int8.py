@@ -239,13 +239,10 @@ def ort_int8_kernels(model_path: str | os.PathLike, threads: int | None = None) 
     """
     import onnxruntime as ort
 
+    from hsnet_deploy.runtime.ort_options import session_options
+
     with tempfile.TemporaryDirectory(prefix="hsnet-ortopt-") as tmp:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options("extended", threads, optimized_path=str(Path(tmp) / "opt.onnx"))
         ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         optimised = onnx.load(str(Path(tmp) / "opt.onnx"))
     counts = Counter(n.op_type for n in optimised.graph.node)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hsnet_deploy.artifacts import INPUT_NAMES
 from hsnet_deploy.calibration.episodes import EpisodeSample
 
 FINAL_CONV = "hpn_learner.decoder2.2"  # Conv2d(64, 2): channel 1 is foreground
@@ -43,7 +44,7 @@ def balance_decoder_bias(model, samples: list[EpisodeSample]) -> float:
     margins = []
     with torch.no_grad():
         for s in samples:
-            feeds = (torch.from_numpy(s.feed[k]) for k in ("query_img", "support_imgs", "support_masks"))
+            feeds = (torch.from_numpy(s.feed[k]) for k in INPUT_NAMES)
             logits, _ = model(*feeds)
             margins.append((logits[:, :, 1] - logits[:, :, 0]).flatten())
         shift = -float(torch.cat(margins).median())

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from hsnet_deploy.artifacts import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
     PREPROCESSING,
     atomic_path,
     check_output_path,
@@ -43,8 +45,6 @@ from hsnet_deploy.model import HSNet, check_image_size, kshot_vote
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the dynamo exporter's floor
-INPUT_NAMES = ["query_img", "support_imgs", "support_masks"]
-OUTPUT_NAMES = ["logits", "mask"]
 
 
 class _WithPyramid(nn.Module):
@@ -105,7 +105,7 @@ def _trace(model: HSNet, path: Path, img_size: int, opset: int) -> None:
     shots = torch.export.Dim("K", min=1, max=1024)
     dynamic = {"query_img": {0: batch}, "support_imgs": {0: batch, 1: shots}, "support_masks": {0: batch, 1: shots}}
     torch.onnx.export(
-        wrapper, example, str(path), dynamo=True, opset_version=opset, input_names=INPUT_NAMES,
+        wrapper, example, str(path), dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
         output_names=[*OUTPUT_NAMES, *PYRAMID_NAMES], dynamic_shapes=dynamic, external_data=False,
         optimize=True, verbose=False,
     )

@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from hsnet_deploy.artifacts import INPUT_NAMES
 from hsnet_deploy.model import HSNet
+from hsnet_deploy.runtime.ort_options import session_options
 
 PYRAMID_NAMES = ("corr_c4", "corr_c3", "corr_c2")
 FP32_REL_TOL = 1e-4  # max |diff| at most this fraction of max |reference|
@@ -96,13 +98,11 @@ def verify_onnx(onnx_path: str, model: HSNet, img_size: int, tolerance: float = 
     """Run the verification graph in ONNX Runtime (CPU) and compare with eager PyTorch per episode."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_path, session_options(), providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
     checks = []
     for b, k, kind, inputs in verification_episodes(img_size):
-        feed = dict(zip(("query_img", "support_imgs", "support_masks"), (t.numpy() for t in inputs)))
+        feed = dict(zip(INPUT_NAMES, (t.numpy() for t in inputs)))
         got = dict(zip(out_names, session.run(None, feed)))
         ref = reference_outputs(model, inputs)
         errors = compare(ref, got, ("logits", *[n for n in PYRAMID_NAMES if n in got]))

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsnet_deploy.artifacts import props_to_meta
+from hsnet_deploy.artifacts import INPUT_NAMES, props_to_meta
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import Runner
 
@@ -25,7 +25,9 @@ class Artifact:
     meta: dict
 
 
-def read_onnx_meta(path: Path) -> dict:
+def read_onnx_meta(path: Path, require_meta: bool = True) -> dict:
+    """The hsnet-deploy metadata of an ONNX model; `require_meta=False` accepts a model without it yet
+    (a variant being gated, whose metadata is written once it passes)."""
     import onnx
 
     try:
@@ -33,15 +35,15 @@ def read_onnx_meta(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
         raise UserError(f"{path}: not a readable ONNX model (truncated or damaged? {type(exc).__name__})") from None
     meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
-    if "backbone" not in meta:
+    if "backbone" not in meta and require_meta:
         raise UserError(f"{path}: an ONNX model without hsnet-deploy metadata; export it with `hsnet-deploy export`")
     names = {i.name for i in proto.graph.input}
-    if names != {"query_img", "support_imgs", "support_masks"}:
+    if names != set(INPUT_NAMES):
         raise UserError(f"{path}: inputs {sorted(names)} are not HSNet's (query_img, support_imgs, support_masks)")
     return meta
 
 
-def inspect_artifact(path: str | Path) -> Artifact:
+def inspect_artifact(path: str | Path, require_meta: bool = True) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: artifact not found")
@@ -61,7 +63,7 @@ def inspect_artifact(path: str | Path) -> Artifact:
         head = fh.read(4)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip or legacy pickle: a torch checkpoint
         return Artifact(path, "checkpoint", {})
-    return Artifact(path, "onnx", read_onnx_meta(path))
+    return Artifact(path, "onnx", read_onnx_meta(path, require_meta))
 
 
 def open_artifact(
@@ -73,13 +75,16 @@ def open_artifact(
     precision: str | None = None,
     cuda_graph: bool = False,
     ep_options: dict[str, str] | None = None,
+    require_meta: bool = True,
 ) -> Runner:
     """The runner for `path`. `device` is cpu, cuda or auto (cuda when the backend can use it here).
 
     `img_size`, when given, must equal the artifact's: H and W are fixed at export. `cuda_graph` and
-    `ep_options` (CUDA EP options, runtime/ort_cuda.py) apply to ONNX Runtime on CUDA.
+    `ep_options` (CUDA EP options, runtime/ort_cuda.py) apply to ONNX Runtime on CUDA. `precision` names
+    an eager checkpoint's precision, or an ONNX model's when its metadata is not written yet
+    (`require_meta=False`: a variant being gated).
     """
-    art = inspect_artifact(path)
+    art = inspect_artifact(path, require_meta)
     if art.kind == "checkpoint":
         import torch
 
@@ -89,6 +94,8 @@ def open_artifact(
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         return TorchRunner(load_checkpoint(art.path, backbone), dev, precision or "fp32", str(art.path))
 
+    if precision and "precision" not in art.meta:
+        art.meta["precision"] = precision
     size = int(art.meta.get("img_size", 0))
     if img_size is not None and size != img_size:
         raise UserError(f"{art.path}: built for {size}x{size} images, not {img_size}x{img_size}")
@@ -116,3 +123,27 @@ def open_artifact(
                 "rebuild it with `hsnet-deploy build-engine --backend onnxruntime`"
             )
     return OrtRunner(str(art.path), art.meta, device, threads, cuda_graph, ep_options=ep_options)
+
+
+def open_model(model, device: str = "cpu", precision: str = "fp32", artifact: str = "",
+               compile_mode: str | None = None, compile_backend: str = "inductor") -> Runner:
+    """A runner for an in-memory HSNet (PyTorch eager, or torch.compile'd with `compile_mode`): the
+    baselines bench compares with, and benchmark scripts."""
+    if compile_mode is not None:
+        from hsnet_deploy.runtime.torch_compile import CompiledTorchRunner
+
+        return CompiledTorchRunner(model, device, precision, compile_mode, compile_backend, artifact=artifact)
+    from hsnet_deploy.runtime.torch_runner import TorchRunner
+
+    return TorchRunner(model, device, precision, artifact)
+
+
+def eager_baselines(model, cpu: bool, cuda: bool) -> list[Runner]:
+    """PyTorch eager FP32 on the CPU; on a GPU eager FP32, FP16 autocast and the torch.compile anchor
+    (what a user gets from one line of PyTorch, without this toolkit)."""
+    label = "eager (seeded weights)"
+    runners = [open_model(model, "cpu", "fp32", label)] if cpu else []
+    if cuda:
+        runners += [open_model(model, "cuda", "fp32", label), open_model(model, "cuda", "fp16", label),
+                    open_model(model, "cuda", "fp16", "torch.compile (seeded weights)", "reduce-overhead")]
+    return runners

@@ -1,9 +1,12 @@
 """The one runner interface every backend implements (Polygraphy's shape): bench, eval and predict
-never branch on the backend.
+never branch on the backend and never name a runner class; `open_artifact` makes every runner.
 
     with open_artifact(path) as runner:
         outputs = runner.infer({"query_img": q, "support_imgs": s, "support_masks": m})
         outputs["logits"], outputs["mask"], runner.inference_times[-1]
+
+Subclasses implement `activate_impl`, `infer_impl`, `deactivate_impl` (and optionally
+`profile_stages_impl`, `flop_model`); the public methods check the state and never change signature.
 """
 
 from __future__ import annotations
@@ -14,19 +17,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-INPUT_NAMES = ("query_img", "support_imgs", "support_masks")
-OUTPUT_NAMES = ("logits", "mask")
+from hsnet_deploy.artifacts import INPUT_NAMES, OUTPUT_NAMES
+
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "Runner", "RunnerInfo"]
+STAGES = ("backbone", "correlation", "learner", "decoder", "other")
+AUTHORS_IMG_SIZE = 400  # an eager checkpoint takes any valid size; the authors evaluate at 400
 
 
 @dataclass
 class RunnerInfo:
-    """What a runner is, for tables and JSON: e.g. backend 'onnxruntime', device 'cpu', precision 'fp32'."""
+    """What a runner is, for tables and JSON: e.g. backend 'onnxruntime', device 'cpu', precision 'fp32'.
+
+    `img_size` is the artifact's fixed H = W (an eager checkpoint: the authors' 400), `backbone` its backbone,
+    `authors_weights` whether it was made from the authors' released weights (paper figures apply)."""
 
     backend: str
     device: str
     precision: str
     artifact: str = ""
     details: dict = field(default_factory=dict)
+    img_size: int = AUTHORS_IMG_SIZE
+    backbone: str | None = None
+    authors_weights: bool = False
 
     @property
     def label(self) -> str:
@@ -41,6 +53,7 @@ class Runner(ABC):
     """
 
     info: RunnerInfo
+    supports_device_io = False
 
     def __init__(self) -> None:
         self.inference_times: list[float] = []
@@ -48,18 +61,24 @@ class Runner(ABC):
 
     def __enter__(self):
         self.activate()
-        self.active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.active = False
         self.deactivate()
 
     def activate(self) -> None:
-        """Allocate: load the model, create sessions or contexts. Called once by __enter__."""
+        """Allocate: load the model, create sessions or contexts."""
+        if self.active:
+            raise RuntimeError(f"{type(self).__name__} is already active")
+        self.activate_impl()
+        self.active = True
 
     def deactivate(self) -> None:
-        """Free what activate allocated."""
+        """Free what activate allocated; a no-op when not active."""
+        if not self.active:
+            return
+        self.active = False
+        self.deactivate_impl()
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.active:
@@ -69,10 +88,27 @@ class Runner(ABC):
         self.inference_times.append(time.perf_counter() - start)
         return out
 
+    def profile_stages(self, feed: dict[str, np.ndarray]) -> dict[str, float] | None:
+        """Seconds per stage (STAGES) for one call on `feed`, or None where the backend cannot tell."""
+        if not self.active:
+            raise RuntimeError(f"{type(self).__name__}.profile_stages called outside its `with` block")
+        return self.profile_stages_impl(feed)
+
+    def activate_impl(self) -> None:
+        pass
+
+    def deactivate_impl(self) -> None:
+        pass
+
     @abstractmethod
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    supports_device_io = False
+    def profile_stages_impl(self, feed: dict[str, np.ndarray]) -> dict[str, float] | None:
+        return None
+
+    def flop_model(self):
+        """A PyTorch module with HSNet's forward signature to count FLOPs with, or None."""
+        return
 
     def infer_device(self, feed: dict) -> dict:
         """Device I/O: inputs already on the GPU (torch tensors or DLPack), outputs left there as torch tensors.

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsnet_deploy.artifacts import INPUT_NAMES
 from hsnet_deploy.runtime.base import Runner
 from hsnet_deploy.runtime.memory import peak_rss_bytes, reset_peak_rss
 
@@ -57,7 +58,7 @@ def episode_flops(model, feed: dict[str, np.ndarray]) -> float:
     """FLOPs of one call (2 per multiply-add), counted by PyTorch's FlopCounterMode on the eager model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tensors = [torch.from_numpy(feed[n]) for n in ("query_img", "support_imgs", "support_masks")]
+    tensors = [torch.from_numpy(feed[n]) for n in INPUT_NAMES]
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         model(*tensors)
@@ -81,7 +82,7 @@ def bench_runner(
     iters: int,
     warmup: int,
     tick: Callable[[], None] = lambda: None,
-    stage_profile: Callable[[Runner], dict[str, float]] | None = None,
+    stages: bool = False,
 ) -> BenchResult:
     """Enter the runner, time a cold call, warm up, time `iters` calls. Ctrl-C keeps what was measured."""
     b, k = feed["support_imgs"].shape[:2]
@@ -100,8 +101,9 @@ def bench_runner(
                 tick()
             if runner.supports_device_io:
                 res.device_io_ms = device_io_latency(runner, feed, iters, warmup)
-            if stage_profile is not None:
-                res.stages_ms = {s: t * 1e3 for s, t in stage_profile(runner).items()}
+            stage_s = runner.profile_stages(feed) if stages else None
+            if stage_s:
+                res.stages_ms = {s: t * 1e3 for s, t in stage_s.items()}
             res.complete = True
             mem = runner.device_memory_bytes()
             res.device_mem_mb = None if mem is None else mem / 2**20

@@ -15,6 +15,7 @@ from pathlib import Path
 from hsnet_deploy.artifacts import atomic_path, check_output_path, meta_to_props, props_to_meta, tool_versions
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.artifact import read_onnx_meta
+from hsnet_deploy.runtime.ort_options import session_options
 
 
 def build_ort_model(onnx_path: str | os.PathLike, out_path: str | os.PathLike, device: str = "cpu",
@@ -32,15 +33,9 @@ def build_ort_model(onnx_path: str | os.PathLike, out_path: str | os.PathLike, d
     out = check_output_path(out_path)
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise UserError("--device cuda: ONNX Runtime has no CUDA provider here (pip install onnxruntime-gpu)")
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     with tempfile.TemporaryDirectory(prefix="hsnet-ort-") as tmp:
         optimised = Path(tmp) / "optimised.onnx"
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = levels[level]
-        opts.optimized_model_filepath = str(optimised)
+        opts = session_options(level, optimized_path=str(optimised))
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         ort.InferenceSession(str(src), opts, providers=providers)
         proto = onnx.load(str(optimised))

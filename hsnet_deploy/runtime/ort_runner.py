@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from hsnet_deploy.artifacts import stage_of_node
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import OUTPUT_NAMES, Runner, RunnerInfo
 from hsnet_deploy.runtime.ort_cuda import (
@@ -17,6 +18,7 @@ from hsnet_deploy.runtime.ort_cuda import (
     check_cuda_graph_request,
     cuda_provider_options,
 )
+from hsnet_deploy.runtime.ort_options import session_options
 
 GPU_INSTALL = "pip install onnxruntime-gpu  (after `pip uninstall onnxruntime`: the two wheels share a module)"
 
@@ -43,7 +45,6 @@ class OrtRunner(Runner):
         device: str = "cpu",
         threads: int | None = None,
         cuda_graph: bool = False,
-        optimization: str = "all",
         ep_options: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
@@ -52,16 +53,16 @@ class OrtRunner(Runner):
         self.device = device
         self.threads = threads
         self.cuda_graph = cuda_graph
-        self.optimization = optimization
         self.ep_options = dict(ep_options or {})
         if cuda_graph:
             check_cuda_graph_request(device, available_providers(), model_path)
         cuda_provider_options(self.ep_options)  # refuses a bad option now, not at activate
         self.session = None
         self.fixed_io: FixedIoBinding | None = None
-        self.profile_dir: str | None = None
         self.info = RunnerInfo("onnxruntime", device, str(meta.get("precision", "fp32")), model_path,
-                               {"backbone": meta.get("backbone"), "threads": threads})
+                               {"backbone": meta.get("backbone"), "threads": threads},
+                               img_size=int(meta.get("img_size", 0)), backbone=meta.get("backbone"),
+                               authors_weights=meta.get("checkpoint_format") == "authors")
         if device == "cuda":
             self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_provider_options(self.ep_options)})
 
@@ -74,40 +75,25 @@ class OrtRunner(Runner):
                     "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def session_options(self, profile: bool = False):
+    def _open_session(self, profile_prefix: str | None = None):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[self.optimization]
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        if profile:
-            self.profile_dir = tempfile.mkdtemp(prefix="hsnet-ort-profile-")
-            opts.enable_profiling = True
-            opts.profile_file_prefix = os.path.join(self.profile_dir, "ort")
-        return opts
-
-    def activate(self, profile: bool = False) -> None:
-        import onnxruntime as ort
-
+        opts = session_options("all", self.threads, profile_prefix=profile_prefix)
         try:
-            self.session = ort.InferenceSession(self.model_path, self.session_options(profile), providers=self._providers())
+            return ort.InferenceSession(self.model_path, opts, providers=self._providers())
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for bad files
             if self.cuda_graph and "graph" in str(exc).lower():
                 raise capture_refusal(self.model_path, exc) from None
             raise UserError(f"{self.model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+
+    def activate_impl(self) -> None:
+        self.session = self._open_session()
         if self.device == "cuda":
             self.fixed_io = FixedIoBinding(self.session, self.cuda_graph, what=self.model_path)
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         self.fixed_io = None
         self.session = None
 
@@ -126,17 +112,22 @@ class OrtRunner(Runner):
             raise RuntimeError("OrtRunner.infer_device needs device cuda and an open `with` block")
         return self.fixed_io.run_device(feed)
 
-    def profile_stages(self, feed: dict[str, np.ndarray], stage_of: dict[str, str], runs: int = 3) -> dict[str, float]:
-        """Seconds per stage per episode, from ONNX Runtime's own profiler (a separate profiling session)."""
-        self.activate(profile=True)
-        try:
+    def profile_stages_impl(self, feed: dict[str, np.ndarray], runs: int = 3) -> dict[str, float] | None:
+        """Seconds per stage per episode, from ONNX Runtime's own profiler in a separate session (its
+        trace goes to a temporary folder, removed after). A replayed CUDA graph has no per-node times."""
+        stage_of = stage_of_node(self.meta)
+        if self.cuda_graph or not stage_of:
+            return None
+        with tempfile.TemporaryDirectory(prefix="hsnet-ort-profile-") as tmp:
+            session = self._open_session(profile_prefix=os.path.join(tmp, "ort"))
+            fixed_io = FixedIoBinding(session, False, what=self.model_path) if self.device == "cuda" else None
             for _ in range(runs + 1):
-                self.infer_impl(feed)
-            trace = self.session.end_profiling()
-        finally:
-            self.activate(profile=False)
-        with open(trace) as fh:
-            events = json.load(fh)
+                if fixed_io is None:
+                    session.run(list(OUTPUT_NAMES), feed)
+                else:
+                    fixed_io.run_host(feed)
+            with open(session.end_profiling()) as fh:
+                events = json.load(fh)
         per_stage: dict[str, float] = defaultdict(float)
         run_index = -1
         for event in events:

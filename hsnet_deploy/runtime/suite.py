@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from hsnet_deploy.artifacts import stage_of_node
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.model import seeded_model
-from hsnet_deploy.runtime.artifact import inspect_artifact, open_artifact
-from hsnet_deploy.runtime.base import Runner
+from hsnet_deploy.runtime.artifact import eager_baselines, inspect_artifact, open_artifact
+from hsnet_deploy.runtime.base import AUTHORS_IMG_SIZE, Runner
 from hsnet_deploy.runtime.bench import (
     BenchResult,
     Suite,
@@ -22,68 +21,56 @@ from hsnet_deploy.runtime.bench import (
     matmul_gflops,
     random_feed,
 )
-from hsnet_deploy.runtime.ort_runner import OrtRunner, available_providers
-from hsnet_deploy.runtime.torch_compile import CompiledTorchRunner
-from hsnet_deploy.runtime.torch_runner import TorchRunner
+from hsnet_deploy.runtime.ort_runner import available_providers
 
 
 def plan_runners(
     paths: list[Path], device: str, threads: int | None, backbone: str | None, cuda_graph: bool, default: bool,
     ep_options: dict[str, str] | None = None,
 ) -> tuple[list[Runner], list[str], str, int]:
-    """Runners in order (eager baselines first) and the reasons other backends were skipped."""
+    """Runners in order (eager baselines first) and the reasons other backends were skipped.
+
+    Every artifact is opened by `open_artifact`, so each of its refusals (wrong ORT version or device,
+    another image size) applies here as in eval and predict."""
     arts = [inspect_artifact(p) for p in paths]
-    first = arts[0]
     checkpoint_device = "cpu" if device == "auto" else device
-    # Checkpoint runners are opened once, here: the first one also tells the baseline's backbone.
-    eager_runners = {id(a): open_artifact(a.path, checkpoint_device, backbone) for a in arts if a.kind == "checkpoint"}
-    if first.kind == "checkpoint":
-        base_backbone, img_size = eager_runners[id(first)].model.backbone_name, 400
-    else:
-        base_backbone, img_size = first.meta["backbone"], int(first.meta["img_size"])
-    for art in arts:  # one eager baseline and one FLOP count: every artifact must share the backbone
-        other = eager_runners[id(art)].model.backbone_name if art.kind == "checkpoint" else art.meta.get("backbone")
-        if other != base_backbone:
-            raise UserError(f"{art.path}: a {other} model, but {first.path} is {base_backbone}; the eager baseline "
-                            "and FLOP count are per backbone, so bench one backbone per run")
-    has_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    runners: list[Runner] = []
+    artifact_runners: list[Runner] = []
+    first = arts[0]
+    img_size = AUTHORS_IMG_SIZE if first.kind == "checkpoint" else int(first.meta["img_size"])
     skipped: list[str] = []
-    # The baseline runs seeded weights of the same backbone: speed does not depend on weight values.
-    eager_model = seeded_model(base_backbone, 0)
-    if device in ("auto", "cpu"):
-        runners.append(TorchRunner(eager_model, "cpu", "fp32", "eager (seeded weights)"))
-    if has_cuda:
-        runners.append(TorchRunner(eager_model, "cuda", "fp32", "eager (seeded weights)"))
-        runners.append(TorchRunner(eager_model, "cuda", "fp16", "eager (seeded weights)"))
-        # The anchor: what a user gets from one line of PyTorch, without this toolkit.
-        runners.append(CompiledTorchRunner(eager_model, "cuda", "fp16", "reduce-overhead",
-                                           artifact="torch.compile (seeded weights)"))
-    elif device == "cuda":
-        raise UserError("--device cuda: PyTorch sees no CUDA GPU here")
     providers = available_providers()
     for art in arts:
         if art.kind == "checkpoint":
-            runners.append(eager_runners[id(art)])
+            artifact_runners.append(open_artifact(art.path, checkpoint_device, backbone))
             continue
         if art.kind == "tensorrt":
-            runners.append(open_artifact(art.path, "cuda"))
-            continue
-        if int(art.meta["img_size"]) != img_size:
-            raise UserError(f"{art.path}: {art.meta['img_size']}x{art.meta['img_size']} images, but the first "
-                            f"artifact takes {img_size}; bench artifacts of one size together")
-        devices = [art.meta["ort_device"]] if art.meta.get("ort_device") else (
-            ["cpu", "cuda"] if device == "auto" else [device])
-        for dev in devices:
-            if dev == "cuda" and "CUDAExecutionProvider" not in providers:
-                if default or device == "cuda":
-                    skipped.append("onnxruntime-cuda: no CUDAExecutionProvider (pip install onnxruntime-gpu)")
-                continue
-            if dev == "cpu" and device == "cuda":
-                continue
-            runners.append(OrtRunner(str(art.path), art.meta, dev, threads, cuda_graph and dev == "cuda",
-                                     ep_options=ep_options if dev == "cuda" else None))
-    ort_cuda = [r for r in runners if isinstance(r, OrtRunner) and r.device == "cuda"]
+            artifact_runners.append(open_artifact(art.path, "cuda", img_size=img_size))
+        else:
+            devices = [art.meta["ort_device"]] if art.meta.get("ort_device") else (
+                ["cpu", "cuda"] if device == "auto" else [device])
+            for dev in devices:
+                if dev == "cuda" and "CUDAExecutionProvider" not in providers:
+                    if default or device == "cuda":
+                        skipped.append("onnxruntime-cuda: no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+                    continue
+                if dev == "cpu" and device == "cuda":
+                    continue
+                artifact_runners.append(open_artifact(
+                    art.path, dev, img_size=img_size, threads=threads, cuda_graph=cuda_graph and dev == "cuda",
+                    ep_options=ep_options if dev == "cuda" else None))
+    # The first artifact names the baseline's backbone (a checkpoint's runner knows it; else the metadata).
+    base_backbone = artifact_runners[0].info.backbone if first.kind == "checkpoint" else first.meta["backbone"]
+    for r in artifact_runners:  # one eager baseline and one FLOP count: every artifact must share the backbone
+        if r.info.backbone != base_backbone:
+            raise UserError(f"{r.info.artifact}: a {r.info.backbone} model, but {first.path} is {base_backbone}; "
+                            "the eager baseline and FLOP count are per backbone, so bench one backbone per run")
+    has_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device == "cuda" and not has_cuda:
+        raise UserError("--device cuda: PyTorch sees no CUDA GPU here")
+    # The baseline runs seeded weights of the same backbone: speed does not depend on weight values.
+    runners = eager_baselines(seeded_model(base_backbone, 0), cpu=device in ("auto", "cpu"), cuda=has_cuda)
+    runners += artifact_runners
+    ort_cuda = [r for r in runners if r.info.backend == "onnxruntime" and r.info.device == "cuda"]
     if cuda_graph and not ort_cuda:
         raise UserError("--cuda-graph: CUDA graphs are for ONNX Runtime on CUDA, and this run has no such runner "
                         f"(device {device}; {', '.join(skipped) or 'no ONNX artifact'})")
@@ -103,15 +90,6 @@ def _tensorrt_status() -> str:
     return "tensorrt: installed; build a plan with `hsnet-deploy build-engine --backend tensorrt` and pass it"
 
 
-def stage_profiler(runner: Runner, feed) -> Callable[[Runner], dict[str, float]] | None:
-    if isinstance(runner, TorchRunner) and not isinstance(runner, CompiledTorchRunner):  # compiled: no marks
-        return lambda r: r.profile_stages(feed)
-    if isinstance(runner, OrtRunner) and not runner.cuda_graph:  # a replayed graph has no per-node times
-        stage_of = stage_of_node(runner.meta)
-        return (lambda r: r.profile_stages(feed, stage_of)) if stage_of else None
-    return None
-
-
 def run_suite(
     paths: list[Path], *, batch: int, shots: int, iters: int, warmup: int, device: str, threads: int | None,
     backbone: str | None, stages: bool, cuda_graph: bool, default: bool, ep_options: dict[str, str] | None = None,
@@ -126,22 +104,21 @@ def run_suite(
     suite = Suite(batch, shots, img_size, base_backbone, machine_info(), skipped=skipped)
     if default:
         suite.notes.append("embedded default: resnet50 with SEEDED RANDOM weights")
-    if any(isinstance(r, CompiledTorchRunner) for r in runners):
+    if any(r.info.backend == "torch.compile" for r in runners):
         suite.notes.append("torch.compile runs mode=\"reduce-overhead\" under FP16 autocast; its cold call is its "
                            "compile time")
     suite.notes.append("PyTorch eager baselines use seeded weights of the same backbone (speed does not depend on "
                        "weight values)")
     try:
         suite.matmul_gflop_per_s = matmul_gflops()
-        suite.episode_gflop = episode_flops(runners[0].model, feed) / 1e9 / batch if isinstance(
-            runners[0], TorchRunner) else None
+        flop_model = runners[0].flop_model()
+        suite.episode_gflop = episode_flops(flop_model, feed) / 1e9 / batch if flop_model is not None else None
     except KeyboardInterrupt:
         suite.interrupted = True
         return suite
     for runner in runners:
         tick = on_start(runner, iters)
-        result: BenchResult = bench_runner(runner, feed, iters, warmup, tick,
-                                           stage_profiler(runner, feed) if stages else None)
+        result: BenchResult = bench_runner(runner, feed, iters, warmup, tick, stages=stages)
         suite.results.append(result)
         if result.note == "interrupted":
             suite.interrupted = True

@@ -32,17 +32,21 @@ class CompiledTorchRunner(TorchRunner):
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self.info = RunnerInfo("torch.compile", device, precision, artifact,
                                {"backbone": model.backbone_name, "mode": mode, "backend": backend,
-                                "compile_s": self.compile_seconds})
+                                "compile_s": self.compile_seconds}, backbone=model.backbone_name,
+                               authors_weights=getattr(model, "source_format", "") == "authors")
 
-    def activate(self) -> None:
-        super().activate()
+    def activate_impl(self) -> None:
+        super().activate_impl()
         torch._dynamo.reset()  # a fresh compile per `with` block, so the compile time is measured, not cached
         options = {"mode": self.mode} if self.backend == "inductor" else {}
         self.compiled = torch.compile(self.model, backend=self.backend, dynamic=False, **options)
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         self.compiled = None
-        super().deactivate()
+        super().deactivate_impl()
+
+    def profile_stages_impl(self, feed: dict[str, np.ndarray]) -> dict[str, float] | None:
+        return None  # compiled kernels fuse across the stage marks
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         q, s, m = self._inputs(feed)

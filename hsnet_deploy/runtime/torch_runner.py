@@ -9,7 +9,7 @@ import torch
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.model import HSNet
-from hsnet_deploy.runtime.base import Runner, RunnerInfo
+from hsnet_deploy.runtime.base import INPUT_NAMES, Runner, RunnerInfo
 
 
 class TorchRunner(Runner):
@@ -26,15 +26,16 @@ class TorchRunner(Runner):
         self.model = model
         self.device = device
         self.precision = precision
-        self.info = RunnerInfo("pytorch", device, precision, artifact, {"backbone": model.backbone_name})
-        self.stage_times: dict[str, float] = {}
+        self.info = RunnerInfo("pytorch", device, precision, artifact, {"backbone": model.backbone_name},
+                               backbone=model.backbone_name,
+                               authors_weights=getattr(model, "source_format", "") == "authors")
 
-    def activate(self) -> None:
+    def activate_impl(self) -> None:
         self.model.to(self.device).eval()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         if self.device == "cuda":
             self.model.to("cpu")
             torch.cuda.empty_cache()
@@ -42,7 +43,7 @@ class TorchRunner(Runner):
     def _inputs(self, feed: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         return tuple(
             torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device, non_blocking=True)
-            for n in ("query_img", "support_imgs", "support_masks")
+            for n in INPUT_NAMES
         )
 
     def _sync(self) -> None:
@@ -55,8 +56,11 @@ class TorchRunner(Runner):
             logits, mask = self.model(q, s, m)
         return {"logits": logits.float().cpu().numpy(), "mask": mask.float().cpu().numpy()}
 
-    def profile_stages(self, feed: dict[str, np.ndarray]) -> dict[str, float]:
-        """Seconds per stage (backbone, correlation, learner, decoder, other) for one episode."""
+    def flop_model(self) -> HSNet:
+        return self.model
+
+    def profile_stages_impl(self, feed: dict[str, np.ndarray]) -> dict[str, float] | None:
+        """Seconds per stage from marks the model sets between its stages (synchronised on CUDA)."""
         q, s, m = self._inputs(feed)
         times: dict[str, float] = {}
         self._sync()

@@ -292,6 +292,9 @@ class TensorRTRunner(Runner):
                 "built_with": meta.get("tensorrt_version"),
                 "version_compatible": bool(meta.get("version_compatible")),
             },
+            img_size=int(meta.get("img_size", 0)),
+            backbone=meta.get("backbone"),
+            authors_weights=meta.get("checkpoint_format") == "authors",
         )
         self._reset()
 
@@ -308,11 +311,11 @@ class TensorRTRunner(Runner):
         self._dtypes: dict[str, np.dtype] = {}
         self._profile: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
-    def activate(self) -> None:
+    def activate_impl(self) -> None:
         try:
             self._activate()
         except BaseException:
-            self.deactivate()
+            self.deactivate_impl()
             raise
 
     def _activate(self) -> None:
@@ -412,7 +415,7 @@ class TensorRTRunner(Runner):
             return None
         return engine_device_memory(self._engine) + sum(cap for _, cap in self._buffers.values())
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         """Free buffers, then context, engine and runtime in that order (each must outlive the next)."""
         memory = self._memory
         if memory is not None:

@@ -1,0 +1,101 @@
+"""The runner interface: one factory (open_artifact), state checked by the base class, facts and stage
+profiling through the interface, and no code outside runtime/ naming a runner class."""
+
+import ast
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import EXPORT_SIZE, run_cli
+
+from hsnet_deploy.artifacts import meta_to_props, props_to_meta
+from hsnet_deploy.runtime.artifact import open_artifact, open_model
+from hsnet_deploy.runtime.bench import random_feed
+from hsnet_deploy.runtime.ort_build import build_ort_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER_CLASSES = {"Runner", "TorchRunner", "CompiledTorchRunner", "OrtRunner", "TensorRTRunner"}
+RUNNER_MODULES = {"torch_runner", "torch_compile", "ort_runner", "trt_runner"}
+
+
+def _runner_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = {a.name for a in node.names}
+            if names & (RUNNER_CLASSES - {"Runner"}) or node.module.rsplit(".", 1)[-1] in RUNNER_MODULES:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import {sorted(names)}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.rsplit(".", 1)[-1] in RUNNER_MODULES:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} import {alias.name}")
+    return found
+
+
+def test_no_module_outside_runtime_imports_a_runner_class():
+    files = [p for p in (ROOT / "hsnet_deploy").rglob("*.py") if "runtime" not in p.relative_to(ROOT).parts]
+    files += list((ROOT / "benchmarks").rglob("*.py"))
+    assert len(files) > 20  # the walk found the package
+    offenders = [line for f in files for line in _runner_imports(f)]
+    assert not offenders, offenders
+    # and the walk does see such an import where one is
+    assert _runner_imports(ROOT / "hsnet_deploy" / "runtime" / "artifact.py")
+
+
+def _other_version(src: Path, out: Path) -> Path:
+    build_ort_model(src, out, "cpu")
+    proto = onnx.load(str(out))
+    meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
+    meta["ort_version"] = "0.0.1"
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta_to_props(meta))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_bench_refuses_what_open_artifact_refuses(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    stale = _other_version(path, tmp_path / "opt.onnx")
+    code, _, err = run_cli("bench", str(stale), "--iters", "1", "--no-stages")
+    assert code == 2 and "Error:" in err and "optimised by ONNX Runtime 0.0.1" in err
+    assert "Traceback" not in err
+
+
+def test_runner_facts_come_from_the_interface(exported):
+    path, _, model = exported("resnet50")
+    runner = open_artifact(path, "cpu")
+    assert (runner.info.img_size, runner.info.backbone, runner.info.authors_weights) == (
+        EXPORT_SIZE, "resnet50", False)
+    assert runner.flop_model() is None  # an ONNX model has no PyTorch module to count with
+    eager = open_model(model, "cpu")
+    assert eager.info.backbone == "resnet50" and eager.flop_model() is model
+
+
+def test_base_class_checks_state(exported):
+    path, _, _ = exported("resnet50")
+    runner = open_artifact(path, "cpu")
+    feed = random_feed(1, 1, EXPORT_SIZE)
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        runner.infer(feed)
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        runner.profile_stages(feed)
+    runner.deactivate()  # not active: a no-op
+    with runner:
+        with pytest.raises(RuntimeError, match="already active"):
+            runner.activate()
+        assert runner.infer(feed)["mask"].shape == (1, EXPORT_SIZE, EXPORT_SIZE)
+    assert not runner.active
+
+
+def test_stage_profiling_is_one_call_and_leaves_no_temp_dir(exported, tmp_path, monkeypatch):
+    path, _, model = exported("resnet50")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    feed = random_feed(1, 2, EXPORT_SIZE)
+    for runner in (open_artifact(path, "cpu"), open_model(model, "cpu")):
+        with runner:
+            stages = runner.profile_stages(feed)
+        assert {"backbone", "correlation", "learner"} <= set(stages), (runner.info.label, stages)
+        assert all(t >= 0 for t in stages.values()) and sum(stages.values()) > 0
+    assert os.listdir(tmp_path) == []
