@@ -15,7 +15,12 @@ from onnx import TensorProto, numpy_helper
 from hsnet_deploy.artifacts import props_to_meta, stage_of_node
 from hsnet_deploy.calibration import variant as variant_module
 from hsnet_deploy.calibration.gate import GateThresholds, run_gate
-from hsnet_deploy.calibration.int8 import ort_int8_kernels, quantised_inputs
+from hsnet_deploy.calibration.int8 import (
+    ort_int8_kernels,
+    ort_optimised_graph,
+    quantised_inputs,
+    requantise_breaks,
+)
 from hsnet_deploy.calibration.synthetic import balance_decoder_bias, synthetic_samples, write_simple_layout
 from hsnet_deploy.calibration.variant import make_variant
 from hsnet_deploy.errors import GateFailure, UserError
@@ -233,3 +238,46 @@ def test_missing_modelopt_says_how_to_install_it(fp32_model, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)  # import now raises ImportError
     with pytest.raises(UserError, match="pip install nvidia-modelopt onnx-graphsurgeon"):
         make_variant(fp32_model, tmp_path / "x.onnx", "fp16", progress=False)
+
+
+def _feature_taps(proto: onnx.ModelProto) -> int:
+    """Backbone residual Adds whose pre-ReLU output also leaves for the correlation (HSNet's hypercolumn
+    taps): there the ReLU has to be a uint8 requantisation (zero point 0), not a removed node."""
+    stage_of = stage_of_node(props_to_meta({p.key: p.value for p in proto.metadata_props}))
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return sum(1 for n in proto.graph.node if n.op_type == "Add" and stage_of.get(n.name) == "backbone"
+               and uses.get(n.output[0], 0) > 1)
+
+
+def test_int8_onnxruntime_keeps_consecutive_quantised_ops_in_int8(fp32_model, int8_ort):
+    path, meta, _ = int8_ort
+    proto = onnx.load(str(fp32_model))
+    stage_of = stage_of_node(props_to_meta({p.key: p.value for p in proto.metadata_props}))
+    consts = {i.name for i in proto.graph.initializer}
+    residual = [n for n in proto.graph.node if n.op_type == "Add" and stage_of.get(n.name) == "backbone"
+                and not consts & set(n.input)]
+    assert len(residual) >= 12  # resnet50's bottleneck sums
+    optimised = ort_optimised_graph(path)
+    ops = [n.op_type for n in optimised.graph.node]
+    assert ops.count("QLinearAdd") >= len(residual)
+    breaks = requantise_breaks(optimised)
+    assert not set(breaks) - {"DQ->Q"}, breaks
+    assert breaks.get("DQ->Q", 0) <= _feature_taps(proto)
+    assert meta["variant"]["ort_requantise_breaks"] == breaks
+
+
+def test_requantise_breaks_finds_the_older_placement(fp32_model, calib_dir):
+    """Q/DQ on the weighted ops only (the placement before chaining): float Adds between QLinearConvs."""
+    from hsnet_deploy.calibration.episodes import load_sample, one_shot_feeds, split_episodes
+    from hsnet_deploy.calibration.int8 import quantize_onnxruntime
+
+    split = split_episodes(calib_dir, 2, 2, 0)
+    feeds = [f for e in split.calib for f in one_shot_feeds(load_sample(e, SIZE))]
+    proto, _ = quantize_onnxruntime(fp32_model, feeds, ["backbone", "correlation"], chain=False)
+    path = fp32_model.parent / "unchained.onnx"
+    onnx.save(proto, str(path))
+    breaks = requantise_breaks(ort_optimised_graph(path))
+    assert breaks.get("Add", 0) >= 8 and breaks.get("DQ->Q", 0) > _feature_taps(onnx.load(str(fp32_model)))

@@ -71,6 +71,34 @@ def weighted_nodes(proto: onnx.ModelProto, stages: set[str]) -> list[str]:
     return chosen
 
 
+# Ops between the weighted ones that ONNX Runtime's CPU EP runs on uint8 when Q/DQ surround them
+# (QLinearAdd, QLinearConcat, MaxPool / Reshape / Transpose on uint8, Relu folded into the Q scale):
+# quantising them keeps consecutive int8 kernels chained instead of dequantising to float in between.
+CHAINABLE_OPS = ("Add", "Relu", "MaxPool", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def chain_nodes(proto: onnx.ModelProto, stages: set[str]) -> list[str]:
+    """The non-weighted nodes of the chosen stages that sit between quantised ops: residual Adds, ReLUs,
+    pooling, the correlation's Concats and layout ops. Chosen by op type and data flow, not by name.
+
+    Left out: the support-mask path (exact FP32, see mask_path_nodes), and Adds / Concats with a constant
+    input (the L2 norm's epsilon: quantising it would round the norm it protects, and the tensors are
+    tiny).
+    """
+    stage_of = node_stages(proto)
+    on_mask_path = set(mask_path_nodes(proto))
+    consts = {i.name for i in proto.graph.initializer}
+    consts.update(o for n in proto.graph.node if n.op_type == "Constant" for o in n.output)
+    chosen = []
+    for node in proto.graph.node:
+        if stage_of.get(node.name) not in stages or node.name in on_mask_path or node.op_type not in CHAINABLE_OPS:
+            continue
+        if node.op_type in ("Add", "Concat") and any(i in consts for i in node.input):
+            continue
+        chosen.append(node.name)
+    return chosen
+
+
 def fold_batchnorm(proto: onnx.ModelProto) -> int:
     """Fold every inference BatchNormalization that follows a Conv into the Conv's weights, in place.
 

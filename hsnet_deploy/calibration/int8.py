@@ -7,6 +7,9 @@ on episodes. One scheme per backend, because the fast one differs:
 - `onnxruntime`: onnxruntime's `quantize_static` in QDQ format with uint8 asymmetric activations and
   per-channel symmetric int8 weights: ONNX Runtime's x86 kernels (QLinearConv, QLinearMatMul) are
   u8s8 (VNNI); with symmetric int8 activations the same placement ran slower than FP32 (measured).
+  The non-weighted ops between them (graph.chain_nodes) get Q/DQ as well, so ONNX Runtime's optimised
+  graph chains QLinear kernels instead of going back to float at every residual Add and ReLU;
+  `requantise_breaks` reports any DQ -> op -> Q left in the graph ONNX Runtime actually runs.
 
 Both start from the FP32 export with BatchNorm folded into the Convs (graph.fold_batchnorm), so each
 quantised Conv is followed directly by its ReLU. Stages to quantise are a user's choice
@@ -28,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from hsnet_deploy.calibration.graph import STAGES, fold_batchnorm, weighted_nodes
+from hsnet_deploy.calibration.graph import CHAINABLE_OPS, STAGES, chain_nodes, fold_batchnorm, weighted_nodes
 from hsnet_deploy.errors import UserError
 
 # Measured (benchmarks/precision.py, resnet50 400x400, B = K = 1, 2 threads, balanced seeded weights):
@@ -41,8 +44,8 @@ DEFAULT_STAGES = {
     "tensorrt": ("backbone", "correlation"),
 }
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
-                "QGemm", "DynamicQuantizeMatMul", "FusedConv", "NhwcQLinearConv")
+INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearConcat",
+                "QLinearGlobalAveragePool", "QGemm", "DynamicQuantizeMatMul", "FusedConv", "NhwcQLinearConv")
 
 
 @contextlib.contextmanager
@@ -110,8 +113,13 @@ def quantize_onnxruntime(
     stages: Iterable[str],
     method: str = "minmax",
     on_feed: Callable[[], None] | None = None,
+    chain: bool = True,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """uint8-activation QDQ model for ONNX Runtime's CPU kernels; returns it and the quantised nodes."""
+    """uint8-activation QDQ model for ONNX Runtime's CPU kernels; returns it and the quantised weighted nodes.
+
+    chain: also quantise the ops between them (graph.chain_nodes) so ONNX Runtime chains QLinear kernels;
+    False gives the older placement (Q/DQ on the weighted ops only), kept for comparison.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -119,10 +127,12 @@ def quantize_onnxruntime(
     with tempfile.TemporaryDirectory(prefix="hsnet-int8-") as tmp, quiet_quantisers():
         folded, proto = prepare(src_path, Path(tmp))
         nodes = weighted_nodes(proto, set(stages))
+        chained = chain_nodes(proto, set(stages)) if chain else []
         out = Path(tmp) / "int8.onnx"
         quantize_static(
             str(folded), str(out), _Reader(feeds, on_feed), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MatMul"], nodes_to_quantize=nodes, per_channel=True,
+            op_types_to_quantize=["Conv", "MatMul", *CHAINABLE_OPS], nodes_to_quantize=nodes + chained,
+            per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=methods[method],
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
@@ -231,12 +241,8 @@ def quantised_inputs(proto: onnx.ModelProto) -> list[str]:
             and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
 
 
-def ort_int8_kernels(model_path: str | os.PathLike, threads: int | None = None) -> dict[str, int]:
-    """Op counts of ONNX Runtime's optimised graph for the CPU: proof that Q/DQ became int8 kernels.
-
-    ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (and MatMul into QLinearMatMul / MatMulInteger);
-    DequantizeLinear nodes left over mark where the graph goes back to float.
-    """
+def ort_optimised_graph(model_path: str | os.PathLike, threads: int | None = None) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU EP actually runs (extended optimisations: Q/DQ fused into QLinear ops)."""
     import onnxruntime as ort
 
     from hsnet_deploy.runtime.ort_options import session_options
@@ -244,10 +250,40 @@ def ort_int8_kernels(model_path: str | os.PathLike, threads: int | None = None) 
     with tempfile.TemporaryDirectory(prefix="hsnet-ortopt-") as tmp:
         opts = session_options("extended", threads, optimized_path=str(Path(tmp) / "opt.onnx"))
         ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        optimised = onnx.load(str(Path(tmp) / "opt.onnx"))
-    counts = Counter(n.op_type for n in optimised.graph.node)
+        return onnx.load(str(Path(tmp) / "opt.onnx"))
+
+
+def ort_int8_kernels(model_path: str | os.PathLike, threads: int | None = None) -> dict[str, int]:
+    """Op counts of ONNX Runtime's optimised graph for the CPU: proof that Q/DQ became int8 kernels.
+
+    ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv (and MatMul into QLinearMatMul / MatMulInteger);
+    DequantizeLinear nodes left over mark where the graph goes back to float.
+    """
+    counts = Counter(n.op_type for n in ort_optimised_graph(model_path, threads).graph.node)
     keep = (*INT8_KERNELS, "QuantizeLinear", "DequantizeLinear", "Conv", "MatMul")
     return {op: counts[op] for op in keep if counts.get(op)}
+
+
+def requantise_breaks(optimised: onnx.ModelProto) -> dict[str, int]:
+    """Where an int8 chain is broken in an optimised graph: DequantizeLinear -> Q directly ("DQ->Q"), or
+    DequantizeLinear -> op -> QuantizeLinear around an op ONNX Runtime could have run on uint8
+    (graph.CHAINABLE_OPS), counted by that op's type. An empty dict means every such op stayed in int8.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in optimised.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    breaks: Counter = Counter()
+    for dq in optimised.graph.node:
+        if dq.op_type != "DequantizeLinear":
+            continue
+        for node in consumers.get(dq.output[0], []):
+            if node.op_type == "QuantizeLinear":
+                breaks["DQ->Q"] += 1
+            elif node.op_type in CHAINABLE_OPS and any(
+                    c.op_type == "QuantizeLinear" for out in node.output for c in consumers.get(out, [])):
+                breaks[node.op_type] += 1
+    return dict(breaks)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,11 +36,13 @@ from hsnet_deploy.calibration.gate import GateReport, GateThresholds, fp32_outpu
 from hsnet_deploy.calibration.int8 import (
     CALIBRATION_METHODS,
     DEFAULT_STAGES,
+    INT8_KERNELS,
     check_stages,
-    ort_int8_kernels,
+    ort_optimised_graph,
     qdq_summary,
     quantize_onnxruntime,
     quantize_tensorrt,
+    requantise_breaks,
 )
 from hsnet_deploy.calibration.synthetic import synthetic_samples
 from hsnet_deploy.errors import GateFailure, UserError
@@ -212,7 +215,12 @@ def make_variant(
                 })
             onnx.save(proto, str(variant_path))
             if precision == "int8" and backend == "onnxruntime":
-                info["ort_int8_kernels"] = ort_int8_kernels(variant_path, threads)
+                optimised = ort_optimised_graph(variant_path, threads)
+                counts = Counter(n.op_type for n in optimised.graph.node)
+                info["ort_int8_kernels"] = {op: counts[op] for op in (*INT8_KERNELS, "QuantizeLinear",
+                                                                      "DequantizeLinear", "Conv", "MatMul")
+                                            if counts.get(op)}
+                info["ort_requantise_breaks"] = requantise_breaks(optimised)
 
             bar.start("FP32 reference on the gate episodes", len(gate_samples))
             reference = fp32_outputs(src, gate_samples, threads, on_episode=bar.advance)
