@@ -400,13 +400,12 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     settings = {"batch": batch, "shots": shots, "iters": iters, "warmup": warmup, "device": device,
                 "threads": threads, "img_size": suite.img_size, "stages": stages, "cuda_graph": cuda_graph,
                 "cuda_ep_options": list(ep_option), "artifacts": [str(p) for p in paths]}
-    write_json(json_path, {**suite.to_dict(), **run_record(settings)}, "benchmark")
+    record = {**suite.to_dict(), **run_record(settings)}
+    write_json(json_path, record, "benchmark")
     if report_path:
         from hsnet_deploy.report import write_bench_report
 
-        settings = {"iters": iters, "warmup": warmup, "device": device, "threads": threads or "all cores",
-                    "stages": stages, "cuda_graph": cuda_graph, "cuda_ep_options": dict(ep_options or {})}
-        err.print(f"Report: {write_bench_report(suite.to_dict(), report_path, settings) / 'index.html'}")
+        err.print(f"Report: {write_bench_report(record, report_path) / 'index.html'}")
     if suite.interrupted:
         err.print("[yellow]Interrupted: the figures above are what was measured before Ctrl-C.[/]")
         sys.exit(130)
