@@ -83,3 +83,20 @@ def run_cli(*args: str):
         finally:
             sys.argv = old
     return code, out.getvalue(), err.getvalue()
+
+
+def ort_model_from_another_version(src, out):
+    """An ORT-optimised model of `src` whose metadata says another ONNX Runtime (0.0.1) optimised it."""
+    import onnx
+
+    from hsnet_deploy.artifacts import meta_to_props, props_to_meta
+    from hsnet_deploy.runtime.ort_build import build_ort_model
+
+    build_ort_model(src, out, "cpu")
+    proto = onnx.load(str(out))
+    meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
+    meta["ort_version"] = "0.0.1"
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta_to_props(meta))
+    onnx.save(proto, str(out))
+    return out

@@ -6,14 +6,11 @@ import os
 import tempfile
 from pathlib import Path
 
-import onnx
 import pytest
-from conftest import EXPORT_SIZE, run_cli
+from conftest import EXPORT_SIZE, ort_model_from_another_version, run_cli
 
-from hsnet_deploy.artifacts import meta_to_props, props_to_meta
 from hsnet_deploy.runtime.artifact import open_artifact, open_model
 from hsnet_deploy.runtime.bench import random_feed
-from hsnet_deploy.runtime.ort_build import build_ort_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER_CLASSES = {"Runner", "TorchRunner", "CompiledTorchRunner", "OrtRunner", "TensorRTRunner"}
@@ -44,20 +41,9 @@ def test_no_module_outside_runtime_imports_a_runner_class():
     assert _runner_imports(ROOT / "hsnet_deploy" / "runtime" / "artifact.py")
 
 
-def _other_version(src: Path, out: Path) -> Path:
-    build_ort_model(src, out, "cpu")
-    proto = onnx.load(str(out))
-    meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
-    meta["ort_version"] = "0.0.1"
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, meta_to_props(meta))
-    onnx.save(proto, str(out))
-    return out
-
-
 def test_bench_refuses_what_open_artifact_refuses(exported, tmp_path):
     path, _, _ = exported("resnet50")
-    stale = _other_version(path, tmp_path / "opt.onnx")
+    stale = ort_model_from_another_version(path, tmp_path / "opt.onnx")
     code, _, err = run_cli("bench", str(stale), "--iters", "1", "--no-stages")
     assert code == 2 and "Error:" in err and "optimised by ONNX Runtime 0.0.1" in err
     assert "Traceback" not in err

@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import EXPORT_SIZE, run_cli
+from conftest import EXPORT_SIZE, ort_model_from_another_version, run_cli
 
-from hsnet_deploy.artifacts import meta_to_props, props_to_meta
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.artifact import open_artifact
 from hsnet_deploy.runtime.bench import random_feed
@@ -120,14 +119,7 @@ def test_wrong_image_size_and_foreign_onnx_are_refused(exported, tmp_path):
 
 def test_ort_model_optimised_by_another_version_is_refused(exported, tmp_path):
     path, _, _ = exported("resnet50")
-    out = tmp_path / "opt.onnx"
-    build_ort_model(path, out, "cpu")
-    proto = onnx.load(str(out))
-    meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
-    meta["ort_version"] = "0.0.1"
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, meta_to_props(meta))
-    onnx.save(proto, str(out))
+    out = ort_model_from_another_version(path, tmp_path / "opt.onnx")
     with pytest.raises(UserError, match="optimised by ONNX Runtime 0.0.1"):
         open_artifact(out)
 
