@@ -85,11 +85,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # Keys of the metadata every artifact carries (ONNX metadata_props; TensorRT: the sidecar JSON).
 # Values are strings in ONNX, so structured ones (versions, preprocessing, gate) are JSON-encoded.
 META_PREFIX = "hsnet."
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # authors' data/dataset.py (FSSDataset.img_mean)
+IMAGENET_STD = (0.229, 0.224, 0.225)  # authors' data/dataset.py (FSSDataset.img_std)
 PREPROCESSING = {
     "resize": "PIL bilinear (antialiased) on the uint8 RGB image to img_size x img_size",
     "scale": "1/255",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
     "mask_resize": "torch nearest (legacy) to img_size; foreground = 1",
 }
 

@@ -86,6 +86,13 @@ def load_model(backbone: str | None, checkpoint: str | None, seed: int):
     return seeded_model(backbone, seed), {"weights": "seeded-random", "seed": seed}
 
 
+def _options_given() -> set[str]:
+    """The options of the running command that the user typed (not defaults), by their long spelling."""
+    ctx = click.get_current_context()
+    return {max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)
+            and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+
+
 def write_json(path: str | None, obj: object, what: str = "") -> None:
     """Write --json atomically and say where it went (on stderr, so stdout stays the table)."""
     if path:
@@ -226,6 +233,7 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
     from hsnet_deploy.console import dumps, err, out
 
     precision = preflight.precision_flags(fp16, int8)
+    preflight.build_options(backend, precision, _options_given())
     preflight.build_engine(model, output, precision, backend, calib_data, variant_onnx, json_path, timing_cache)
     if backend == "tensorrt":  # before minutes of calibration: fail now if the plan cannot be built here
         from hsnet_deploy.runtime.trt_build import import_tensorrt
@@ -344,6 +352,7 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     from hsnet_deploy.console import err, out, progress_bar, table
     from hsnet_deploy.info import run_record
     from hsnet_deploy.preflight import bench as check_bench
+    from hsnet_deploy.runtime.bench import short_labels
     from hsnet_deploy.runtime.ort_cuda import parse_ep_options
     from hsnet_deploy.runtime.suite import run_suite
 
@@ -367,28 +376,32 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
         suite = run_suite(paths, batch=batch, shots=shots, iters=iters, warmup=warmup, device=device,
                           threads=threads, backbone=backbone, stages=stages, cuda_graph=cuda_graph,
                           default=not artifacts, ep_options=ep_options, on_start=on_start)
+    labels, artifact_notes = short_labels(suite.results)
     rows = []
-    for r in suite.results:
+    for label, r in zip(labels, suite.results):
         lat = r.latency_ms or {}
         mem = r.device_mem_mb if r.device_mem_mb is not None else r.peak_rss_mb
-        rows.append((f"{r.label}  {Path(r.artifact).name if r.artifact else ''}".strip(), lat.get("mean"),
-                     lat.get("p50"), lat.get("p90"), lat.get("p99"), lat.get("min"), r.cold_ms, r.episodes_per_s,
-                     mem, r.gflop_per_s, f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else None))
-    title = (f"bench: B={suite.batch} K={suite.shots} {suite.img_size}x{suite.img_size} {suite.backbone}, "
-             f"{suite.machine.get('cpu', '')}")
-    out.print(table(title, ["runner", "mean ms", "p50", "p90", "p99", "min", "cold ms", "episodes/s",
-                            "peak MB", "GFLOP/s", "vs eager"], rows))
+        rows.append((label, lat.get("mean"), lat.get("p50"), lat.get("p99"), r.cold_ms, r.episodes_per_s, mem,
+                     r.gflop_per_s, f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else None))
+    title = f"bench: B={suite.batch} K={suite.shots} {suite.img_size}x{suite.img_size} {suite.backbone}"
+    out.print(table(title, ["runner", "mean ms", "p50", "p99", "cold ms", "ep/s", "peak MB", "GFLOP/s",
+                            "vs eager"], rows))
+    for line in artifact_notes:
+        out.print(line, soft_wrap=True)
+    out.print(f"machine: {suite.machine.get('cpu', '')}; full percentiles (p90, p95, min, max) with --json",
+              soft_wrap=True)
     stage_names = ["backbone", "correlation", "learner", "decoder", "other"]
-    stage_rows = [(f"{r.label}  {Path(r.artifact).name if r.artifact else ''}".strip(),
-                   *[r.stages_ms.get(s) for s in stage_names]) for r in suite.results if r.stages_ms]
+    stage_rows = [(label, *[r.stages_ms.get(s) for s in stage_names])
+                  for label, r in zip(labels, suite.results) if r.stages_ms]
     if stage_rows:
-        out.print(table("per-stage time (ms per call, from each backend's profiler)", ["runner", *stage_names],
-                        stage_rows))
-    io_rows = [(r.label, r.latency_ms.get("p50"), r.device_io_ms.get("p50"), r.latency_ms.get("mean"),
-                r.device_io_ms.get("mean")) for r in suite.results if r.device_io_ms and r.latency_ms]
+        out.print(table("per-stage time, ms per call (each backend's profiler)",
+                        ["runner", "backbone", "corr.", "learner", "decoder", "other"], stage_rows))
+    io_rows = [(label, r.latency_ms.get("p50"), r.device_io_ms.get("p50"), r.latency_ms.get("mean"),
+                r.device_io_ms.get("mean")) for label, r in zip(labels, suite.results)
+               if r.device_io_ms and r.latency_ms]
     if io_rows:
-        out.print(table("host I/O vs device I/O (inputs already on the GPU), ms per call",
-                        ["runner", "host p50", "device p50", "host mean", "device mean"], io_rows))
+        out.print(table("host vs device I/O (inputs already on the GPU), ms per call",
+                        ["runner", "host p50", "dev. p50", "host mean", "dev. mean"], io_rows))
     for r in suite.results:
         if r.compile_s is not None:
             out.print(f"{r.label}: compile time {r.compile_s:.1f} s (first call of B={suite.batch} K={suite.shots})")

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterable
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -22,16 +23,18 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
-def progress_bar(transient: bool = False) -> Progress:
+def progress_bar(transient: bool = False, console: Console | None = None, enabled: bool = True) -> Progress:
+    """The one progress bar: description, bar, n/total, elapsed, eta, and the task's `status` field."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        console=err, transient=transient,
+        console=console or err, transient=transient, disable=not enabled,
     )
 
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[object]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    """A compact table (a rule under the header, no side borders) so short labels fit 80 columns."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, col in enumerate(columns):
         t.add_column(col, justify="left" if i == 0 else "right")
     for row in rows:

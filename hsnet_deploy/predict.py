@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from hsnet_deploy.artifacts import atomic_path
@@ -23,6 +22,7 @@ from hsnet_deploy.data.preprocess import (
 )
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.outputs import check_output_folder, check_outputs, unique_names
+from hsnet_deploy.model import mask_at_size
 from hsnet_deploy.runtime.base import Runner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -71,12 +71,7 @@ def list_queries(query: str) -> list[Path]:
 def mask_at_original_size(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     """(K, 2, S, S) logits -> (height, width) uint8 {0, 1}: bilinear (align_corners) upsampling of the
     logits before the argmax, then the authors' K-shot vote (as their --use_original_imgsize)."""
-    votes = torch.zeros((height, width), dtype=torch.int32)
-    for shot in torch.from_numpy(logits):  # one shot at a time: memory does not grow with K
-        up = F.interpolate(shot[None], (height, width), mode="bilinear", align_corners=True)[0]
-        votes += up[1] > up[0]
-        del up
-    return (votes.float() / votes.max().clamp(min=1) >= 0.5).to(torch.uint8).numpy()
+    return mask_at_size(logits, height, width).to(torch.uint8).numpy()
 
 
 def overlay(img: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:

@@ -21,6 +21,13 @@ def precision_flags(fp16: bool, int8: bool) -> str:
     return "fp16" if fp16 else "int8" if int8 else "fp32"
 
 
+def build_options(backend: str, precision: str, given: set[str]) -> None:
+    """An option the chosen backend or precision would ignore is refused, not silently dropped."""
+    from hsnet_deploy.runtime.build_options import check_build_options
+
+    check_build_options(backend, precision, given)
+
+
 def build_engine(
     model: str, output: str, precision: str, backend: str, calib_data: str | None, variant_onnx: str | None,
     json_path: str | None, timing_cache: str | None,

@@ -10,8 +10,9 @@ from synthetic_datasets import make_coco, make_fss, make_pascal
 
 from hsnet_deploy.data.datasets import build_episodes
 from hsnet_deploy.data.episodes import load_episode
-from hsnet_deploy.data.evaluate import evaluate, vote_masks
+from hsnet_deploy.data.evaluate import evaluate
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.model import kshot_vote, mask_at_size
 
 SIZE = 48  # small images keep the loop fast; the loop itself does not depend on the size
 
@@ -154,13 +155,23 @@ def test_fss_and_coco_run_end_to_end_with_json_output(tmp_path):
         assert 0 <= d["miou"] <= 100 and d["seconds"] > 0
 
 
-def test_vote_masks_follows_the_authors_k_shot_rule():
+def _vote(shot_masks) -> list:
+    """The one K-shot vote (model.kshot_vote) on per-shot {0,1} masks (K, H, W), as logits (fg - bg)."""
+    m = torch.tensor(np.asarray(shot_masks), dtype=torch.float32)
+    return kshot_vote(torch.stack([1 - m, m], dim=1).unsqueeze(0))[0].int().tolist()
+
+
+def test_the_k_shot_vote_follows_the_authors_rule():
     votes = np.array([[[1, 1, 0, 0]], [[1, 0, 1, 0]], [[1, 0, 0, 0]]])  # 3 shots, 1x4 image
     # top vote 3: pixel votes 3, 1, 1, 0 -> ratio 1, 1/3, 1/3, 0 -> only the first is >= 0.5
-    assert vote_masks(votes).tolist() == [[1, 0, 0, 0]]
+    assert _vote(votes) == [[1, 0, 0, 0]]
     two = np.array([[[1, 0, 0]], [[0, 1, 0]]])  # top vote 1: every voted pixel is foreground
-    assert vote_masks(two).tolist() == [[1, 1, 0]]
-    assert vote_masks(np.zeros((4, 1, 2))).tolist() == [[0, 0]]
+    assert _vote(two) == [[1, 1, 0]]
+    assert _vote(np.zeros((4, 1, 2))) == [[0, 0]]
+    # upsampled to another size first, then the same vote (eval --original-size and predict share it)
+    logits = torch.randn(3, 2, 5, 5)
+    up = torch.nn.functional.interpolate(logits, size=(7, 9), mode="bilinear", align_corners=True)
+    assert mask_at_size(logits.numpy(), 7, 9).tolist() == kshot_vote(up.unsqueeze(0))[0].tolist()
 
 
 def test_original_size_scores_logits_upsampled_to_each_query_size(pascal):

@@ -85,3 +85,39 @@ def test_stage_profiling_is_one_call_and_leaves_no_temp_dir(exported, tmp_path, 
         assert {"backbone", "correlation", "learner"} <= set(stages), (runner.info.label, stages)
         assert all(t >= 0 for t in stages.values()) and sum(stages.values()) > 0
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_table_fits_80_columns(exported, monkeypatch):
+    from hsnet_deploy import console
+
+    path, _, _ = exported("resnet50")
+    monkeypatch.setattr(console.out, "width", 80)
+    code, out, err = run_cli("bench", str(path), str(path), "--iters", "1", "--warmup", "0")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("runner"))
+    for line in lines:
+        assert len(line) <= 80, line
+    # every header and every cell whole: no ellipsis, no wrapped cells, header names in one line
+    assert "…" not in out
+    assert lines[header].split() == ["runner", "mean", "ms", "p50", "p99", "cold", "ms", "ep/s", "peak", "MB",
+                                     "GFLOP/s", "vs", "eager"]
+    rows = [line for line in lines[header + 2:] if line.startswith(("torch-", "ort-"))]
+    assert [r.split()[:3] for r in rows[:2]] == [["torch-cpu", "fp32", "eager"], ["ort-cpu", "fp32", "[1]"]]
+    assert all(len(r.split()) >= 11 for r in rows)  # a row that wrapped would be short
+    assert f"[1] {path}" in out  # the artifact path sits in a note under the table
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-batch", "4"], "--max-batch: for --backend tensorrt, not onnxruntime"),
+    (["--workspace", "2"], "--workspace: for --backend tensorrt"),
+    (["--backend", "tensorrt", "--device", "cuda"], "--device: for --backend onnxruntime, not tensorrt"),
+    (["--fp16", "--calib-method", "entropy"], "--calib-method: for --int8 only; --fp16 would ignore it"),
+    (["--calib-data", "."], "--calib-data: for --fp16 or --int8"),
+])
+def test_build_engine_refuses_options_its_backend_ignores(exported, tmp_path, args, message):
+    path, _, _ = exported("resnet50")
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli("build-engine", str(path), *args, "-o", str(out))
+    assert code == 2 and "Error:" in err and message in err, err
+    assert not out.exists()

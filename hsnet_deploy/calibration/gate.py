@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from hsnet_deploy.calibration.episodes import EpisodeSample
-from hsnet_deploy.errors import GateFailure
 
 
 @dataclass
@@ -168,10 +167,6 @@ class GateReport:
                 "checks": self.checks(), "thresholds": asdict(self.thresholds), **self.summary(),
                 "notes": self.notes,
                 "episodes": [e.to_dict() for e in self.episodes]}
-
-    def raise_if_failed(self, what: str) -> None:
-        if not self.passed:
-            raise GateFailure(f"{what} failed the accuracy gate: {'; '.join(self.failures())}; nothing was written")
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

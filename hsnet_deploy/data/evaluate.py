@@ -27,16 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hsnet_deploy.artifacts import check_output_path, write_json_atomic
+from hsnet_deploy.console import progress_bar
 from hsnet_deploy.data.episodes import Episode, EpisodeSet, EpisodeTensors, load_episode
 from hsnet_deploy.data.metrics import IoUAccumulator, area_counts
 from hsnet_deploy.data.preprocess import IMG_SIZE
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.model import mask_at_size
 
 PredictFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 EpisodeHook = Callable[[int, Episode, EpisodeTensors, np.ndarray, tuple[np.ndarray, np.ndarray]], None]
@@ -163,29 +162,10 @@ def _assemble(start: int, eps: list[Episode], futures: list[Future]) -> _Batch:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def vote_masks(shot_masks: np.ndarray) -> np.ndarray:
-    """The authors' K-shot rule on per-shot {0,1} masks (K, H, W): votes / max(top vote, 1) >= 0.5.
-
-    Integer form of the same test (2 * votes >= top), exact for any K.
-    """
-    votes = shot_masks.astype(np.int64).sum(axis=0)
-    if shot_masks.shape[0] == 1:
-        return votes.astype(np.float32)
-    top = max(int(votes.max()), 1)
-    return (2 * votes >= top).astype(np.float32)
-
-
 def _original_size_masks(logits: np.ndarray, tensors: list[EpisodeTensors]) -> list[np.ndarray]:
-    """The authors' --use_original_imgsize: upsample each shot's logits (bilinear, align_corners=True)
-    straight to the query's own size, argmax, then vote. Exact when the logits are the decoder's 100x100
-    output; from 400x400 logits it is two bilinear steps instead of one (close, not identical)."""
-    out = []
-    for b, t in enumerate(tensors):
-        h, w = t.query_mask_orig.shape
-        shot_logits = torch.from_numpy(np.ascontiguousarray(logits[b], dtype=np.float32))  # (K, 2, h', w')
-        up = F.interpolate(shot_logits, size=(h, w), mode="bilinear", align_corners=True)
-        out.append(vote_masks(up.argmax(dim=1).numpy()))
-    return out
+    """The authors' --use_original_imgsize: each query scored at its own size (model.mask_at_size)."""
+    return [mask_at_size(np.ascontiguousarray(logits[b]), *t.query_mask_orig.shape).numpy()
+            for b, t in enumerate(tensors)]
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -303,11 +283,12 @@ def evaluate(
         )
 
     fold = "" if eset.dataset == "fss" else f" fold {eset.fold}"  # FSS-1000 has one test split, no folds
-    bar = _progress_bar(progress, console, f"{eset.dataset}{fold} {eset.shots}-shot")
+    bar = progress_bar(console=console, enabled=progress)
     loader = _Prefetcher(eset.episodes, start, batch, img_size, prefetch, workers) if start < n else None
     try:
         with bar:
-            task = bar.add_task("eval", total=n, completed=start, miou=_fmt(acc))
+            task = bar.add_task(f"{eset.dataset}{fold} {eset.shots}-shot", total=n, completed=start,
+                                status=f"mIoU {_fmt(acc)}")
             for item in loader or ():
                 t0 = time.perf_counter()
                 out = np.asarray(predict_fn(item.query_img, item.support_imgs, item.support_masks))
@@ -325,7 +306,7 @@ def evaluate(
                     if on_episode is not None:
                         on_episode(item.start + offset, ep, item.tensors[offset], preds[offset], (inter, union))
                 previous, done = done, item.start + len(item.episodes)
-                bar.update(task, completed=done, miou=_fmt(acc))
+                bar.update(task, completed=done, status=f"mIoU {_fmt(acc)}")
                 if done // save_every > previous // save_every:
                     save()
     except BaseException:
@@ -368,15 +349,3 @@ def _predictions(out: np.ndarray, item: _Batch, original_size: bool, size: int) 
 
 def _fmt(acc: IoUAccumulator) -> str:
     return f"{acc.miou:5.2f}" if acc.episodes else "  -  "
-
-
-def _progress_bar(enabled: bool, console: Console | None, title: str) -> Progress:
-    return Progress(
-        TextColumn(title),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("mIoU {task.fields[miou]}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from hsnet_deploy.artifacts import IMAGENET_MEAN, IMAGENET_STD
 from hsnet_deploy.errors import UserError
 
 IMG_SIZE = 400  # authors' test.py: FSSDataset.initialize(img_size=400, ...)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # authors' data/dataset.py (FSSDataset.img_mean)
-IMAGENET_STD = (0.229, 0.224, 0.225)  # authors' data/dataset.py (FSSDataset.img_std)
 IGNORE_LABEL = 255  # authors' common/evaluation.py: PASCAL boundary pixels
 
 

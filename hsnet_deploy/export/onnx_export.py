@@ -166,7 +166,8 @@ def export_onnx(
     """Export, check, verify against eager PyTorch, then write `out_path` atomically with its metadata.
 
     `source` describes the weights for the metadata: {"checkpoint_sha256": ...} or {"seed": N}.
-    Raises UserError for bad arguments and RuntimeError (nothing written) when verification fails.
+    Raises UserError for bad arguments and RuntimeError for a graph that breaks the decomposition's
+    promises; when verification fails it writes nothing and returns the report with `passed` False.
     """
     start = time.perf_counter()
     out = check_output_path(out_path)

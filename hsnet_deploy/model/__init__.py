@@ -3,9 +3,18 @@
 from hsnet_deploy.model.backbones import BACKBONES, feature_sizes
 from hsnet_deploy.model.center_pivot import CenterPivotConv4d
 from hsnet_deploy.model.checkpoint import load_checkpoint, save_checkpoint, seeded_model
-from hsnet_deploy.model.hsnet import HSNet, check_image_size, kshot_vote, valid_image_sizes
+from hsnet_deploy.model.hsnet import HSNet, check_image_size, kshot_vote, mask_at_size, valid_image_sizes
 
 __all__ = [
-    "BACKBONES", "CenterPivotConv4d", "HSNet", "check_image_size", "feature_sizes", "kshot_vote",
-    "load_checkpoint", "save_checkpoint", "seeded_model", "valid_image_sizes",
+    "BACKBONES",
+    "CenterPivotConv4d",
+    "HSNet",
+    "check_image_size",
+    "feature_sizes",
+    "kshot_vote",
+    "load_checkpoint",
+    "mask_at_size",
+    "save_checkpoint",
+    "seeded_model",
+    "valid_image_sizes",
 ]

@@ -157,3 +157,18 @@ def kshot_vote(logits: torch.Tensor) -> torch.Tensor:
     votes = (logits[:, :, 1] > logits[:, :, 0]).to(logits.dtype).sum(dim=1)  # (B, H, W)
     top = votes.flatten(1).amax(dim=1).clamp(min=1.0).reshape(-1, 1, 1)
     return (votes / top >= 0.5).to(torch.float32)
+
+
+def mask_at_size(shot_logits, height: int, width: int) -> torch.Tensor:
+    """(K, 2, h, w) logits of one episode -> (height, width) float {0, 1}: the authors'
+    --use_original_imgsize, bilinear (align_corners) upsampling of the logits before the argmax, then
+    the K-shot vote (as `kshot_vote`). One shot is upsampled at a time, so memory does not grow with K.
+    Exact when the logits are the decoder's output size; from full-size logits it is two bilinear steps
+    instead of one (close, not identical)."""
+    logits = torch.as_tensor(shot_logits, dtype=torch.float32)
+    votes = torch.zeros((height, width), dtype=torch.float32)
+    for shot in logits:
+        up = nn.functional.interpolate(shot[None], size=(height, width), mode="bilinear", align_corners=True)[0]
+        votes += (up[1] > up[0]).to(torch.float32)
+        del up
+    return (votes / votes.max().clamp(min=1.0) >= 0.5).to(torch.float32)

@@ -192,3 +192,20 @@ def random_feed(batch: int, shots: int, img_size: int, seed: int = 0) -> dict[st
         "support_imgs": rng.standard_normal((batch, shots, 3, img_size, img_size), dtype=np.float32),
         "support_masks": masks,
     }
+
+
+SHORT_BACKEND = {"onnxruntime": "ort", "pytorch": "torch", "tensorrt": "trt", "torch.compile": "compile"}
+
+
+def short_labels(results: list[BenchResult]) -> tuple[list[str], list[str]]:
+    """Labels that fit an 80-column table ('ort-cpu fp32 [1]') and the notes naming each [n]'s artifact."""
+    labels, notes, numbers = [], [], {}
+    for r in results:
+        label = f"{SHORT_BACKEND.get(r.backend, r.backend)}-{r.device} {r.precision}"
+        if r.artifact:
+            if r.artifact not in numbers:
+                numbers[r.artifact] = len(numbers) + 1
+                notes.append(f"[{numbers[r.artifact]}] {r.artifact}")
+            label += f" [{numbers[r.artifact]}]"
+        labels.append(label)
+    return labels, notes

@@ -15,11 +15,6 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def rss_bytes() -> int | None:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
 def peak_rss_bytes() -> int | None:
     kib = _status_kib("VmHWM")
     return None if kib is None else kib * 1024
