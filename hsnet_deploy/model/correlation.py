@@ -45,7 +45,7 @@ def hypercorrelation(
 
     The layers of one stage share their channels and size, so the small normalised FEATURES are stacked
     and one batched MatMul writes each stage straight into its final layout: stacking the correlations
-    instead copies up to 500 MB per episode at K = 5 (measured: Concat went 31 -> 371 ms from K = 1 to 5).
+    instead copies up to 500 MB per episode at K = 5 (figures: docs/benchmarks.md, "Notes on the figures").
     The query is normalised once and broadcast over the K shots, never copied.
     """
     n4, n3, _ = stage_sizes
