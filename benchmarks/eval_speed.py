@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 from record import md_table, record
 
-from hsnet_deploy.cli import default_artifact
 from hsnet_deploy.data.datasets import build_episodes
 from hsnet_deploy.data.evaluate import evaluate
+from hsnet_deploy.defaults import default_artifact
 from hsnet_deploy.model import save_checkpoint, seeded_model
 from hsnet_deploy.runtime.artifact import open_artifact
 

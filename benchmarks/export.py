@@ -9,7 +9,7 @@ from pathlib import Path
 
 from record import md_table, record
 
-from hsnet_deploy.cli import _quiet_exporters
+from hsnet_deploy.defaults import quiet_exporters
 from hsnet_deploy.export import export_onnx
 from hsnet_deploy.model import seeded_model
 
@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "resnet50", "resnet101"])
     parser.add_argument("--keep", type=Path, help="Directory to keep the exported models in.")
     args = parser.parse_args()
-    _quiet_exporters()
+    quiet_exporters()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="Text under the table in docs/benchmarks.md.")
     args = parser.parse_args()
     if not args.models:
-        from hsnet_deploy.cli import default_artifact
+        from hsnet_deploy.defaults import default_artifact
 
         args.models = [default_artifact(args.size)]
     results = [measure(p, args.batches, args.shots) for p in args.models]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from record import md_table, record
 
-from hsnet_deploy.cli import default_artifact
+from hsnet_deploy.defaults import default_artifact
 from hsnet_deploy.runtime.bench import random_feed
 from hsnet_deploy.runtime.suite import plan_runners, run_suite
 

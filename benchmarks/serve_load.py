@@ -27,7 +27,7 @@ import requests
 from PIL import Image
 from record import md_table, record
 
-from hsnet_deploy.cli import default_artifact
+from hsnet_deploy.defaults import default_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import click
 
+from hsnet_deploy.defaults import CACHE_DIR, default_artifact, quiet_exporters
 from hsnet_deploy.errors import GateFailure, UserError
 
 BACKBONE_CHOICE = click.Choice(["vgg16", "resnet50", "resnet101"])
-CACHE_DIR = Path(os.environ.get("HSNET_DEPLOY_CACHE", Path.home() / ".cache" / "hsnet-deploy"))
-
-
-def _quiet_exporters() -> None:
-    """torch.onnx logs a warning per missing torchvision op and onnxscript chats; users need none of it."""
-    warnings.filterwarnings("ignore")
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TORCH_LOGS", "-all")
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -129,7 +119,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
     from hsnet_deploy.model import check_image_size
     from hsnet_deploy.preflight import export as check_export
 
-    _quiet_exporters()
+    quiet_exporters()
     check_output_path(output)
     check_export(output, json_path, checkpoint)
     if backbone:
@@ -300,26 +290,6 @@ def _print_gate(report, json_path: str | None = None) -> None:
     write_json(json_path, data, "gate report")
 
 
-def default_artifact(img_size: int) -> Path:
-    """The embedded default: resnet50 with seeded weights, exported once into the cache directory."""
-    import subprocess
-
-    from hsnet_deploy.console import err
-
-    path = CACHE_DIR / f"default-resnet50-{img_size}-seed0.onnx"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    err.print(f"Exporting the embedded default (resnet50, SEEDED RANDOM weights, {img_size}x{img_size}) "
-              f"to {path} once ...")
-    # In a child process: the export's memory stays out of the peak memory the benchmark reports.
-    done = subprocess.run([sys.executable, "-m", "hsnet_deploy", "export", "--backbone", "resnet50", "--seed", "0",
-                           "--img-size", str(img_size), "-o", str(path)], check=False, stdout=subprocess.DEVNULL)
-    if done.returncode != 0 or not path.exists():
-        raise GateFailure(f"the embedded default could not be exported (exit status {done.returncode})")
-    return path
-
-
 @cli.command()
 @click.argument("artifacts", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--batch", "-b", default=1, show_default=True, help="Episodes per call (B).")
@@ -424,14 +394,6 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
         sys.exit(130)
 
 
-# mIoU (1-shot, 5-shot) from the paper (Min et al., ICCV 2021), for artifacts made from the authors' weights.
-PAPER_MIOU = {
-    ("fss", "resnet50"): (85.5, 87.8), ("fss", "resnet101"): (86.5, 88.5), ("fss", "vgg16"): (82.3, 85.8),
-    ("pascal", "resnet50"): (64.0, 69.5), ("pascal", "resnet101"): (66.2, 70.4),
-    ("coco", "resnet50"): (39.2, 46.9), ("coco", "resnet101"): (41.2, 49.5),
-}
-
-
 def _open_runner(artifact, device, backbone, threads, img_size=None):
     from hsnet_deploy.runtime.artifact import open_artifact
 
@@ -477,6 +439,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     from hsnet_deploy.console import err, out, table
     from hsnet_deploy.data.datasets import build_episodes
     from hsnet_deploy.data.evaluate import evaluate
+    from hsnet_deploy.data.paper import PAPER_MIOU, paper_miou
 
     state = preflight.eval_state_path(artifact, state_path)
     preflight.evaluate(artifact, state, json_path)
@@ -516,15 +479,14 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     out.print(table("", ["class", "IoU %"], rows))
     out.print(f"runner: {info.label}, {artifact}")
     backbone_name, authors = runner.info.backbone, runner.info.authors_weights
-    paper = PAPER_MIOU.get((dataset, backbone_name))
-    paper_text = ""
-    if paper and authors and shots in (1, 5):
-        paper_text = f"   (paper, {backbone_name} {shots}-shot: {paper[0 if shots == 1 else 1]})"
+    paper = paper_miou(dataset, backbone_name, shots, authors)
+    paper_text = f"   (paper, {backbone_name} {shots}-shot: {paper})" if paper is not None else ""
     out.print(f"mIoU {result.miou:.2f}   FB-IoU {result.fb_iou:.2f}{paper_text}   "
               f"{result.episodes / max(result.seconds, 1e-9):.2f} episodes/s")
     for note in result.notes:
         err.print(f"[dim]note: {note}[/]")
-    report = {**result.to_dict(), "runner": info.label, "artifact": str(artifact), "paper_miou": paper if authors else None}
+    report = {**result.to_dict(), "runner": info.label, "artifact": str(artifact),
+              "paper_miou": PAPER_MIOU.get((dataset, backbone_name)) if authors else None}
     write_json(json_path, report, "evaluation")
     if report_path:
         from hsnet_deploy.report import write_eval_report

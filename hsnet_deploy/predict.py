@@ -21,8 +21,8 @@ from hsnet_deploy.data.preprocess import (
     original_size,
 )
 from hsnet_deploy.errors import UserError
-from hsnet_deploy.outputs import check_output_folder, check_outputs, unique_names
 from hsnet_deploy.model import mask_at_size
+from hsnet_deploy.outputs import check_output_folder, check_outputs, unique_names
 from hsnet_deploy.runtime.base import Runner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

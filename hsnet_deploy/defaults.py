@@ -1,0 +1,42 @@
+"""The embedded default model `bench` (and the benchmark scripts) fall back to, and the exporters' noise
+switched off: library code the CLI and the scripts share."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from hsnet_deploy.errors import GateFailure
+
+CACHE_DIR = Path(os.environ.get("HSNET_DEPLOY_CACHE", Path.home() / ".cache" / "hsnet-deploy"))
+
+
+def quiet_exporters() -> None:
+    """torch.onnx logs a warning per missing torchvision op and onnxscript chats; users need none of it."""
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_LOGS", "-all")
+
+
+def default_artifact(img_size: int) -> Path:
+    """The embedded default: resnet50 with seeded weights, exported once into the cache directory."""
+    import subprocess
+    import sys
+
+    from hsnet_deploy.console import err
+
+    path = CACHE_DIR / f"default-resnet50-{img_size}-seed0.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    err.print(f"Exporting the embedded default (resnet50, SEEDED RANDOM weights, {img_size}x{img_size}) "
+              f"to {path} once ...")
+    # In a child process: the export's memory stays out of the peak memory the benchmark reports.
+    done = subprocess.run([sys.executable, "-m", "hsnet_deploy", "export", "--backbone", "resnet50", "--seed", "0",
+                           "--img-size", str(img_size), "-o", str(path)], check=False, stdout=subprocess.DEVNULL)
+    if done.returncode != 0 or not path.exists():
+        raise GateFailure(f"the embedded default could not be exported (exit status {done.returncode})")
+    return path
