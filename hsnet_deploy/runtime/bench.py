@@ -202,7 +202,7 @@ def short_labels(results: list[BenchResult]) -> tuple[list[str], list[str]]:
     labels, notes, numbers = [], [], {}
     for r in results:
         label = f"{SHORT_BACKEND.get(r.backend, r.backend)}-{r.device} {r.precision}"
-        if r.artifact:
+        if r.artifact and Path(r.artifact).is_file():  # eager baselines carry a description, not a file
             if r.artifact not in numbers:
                 numbers[r.artifact] = len(numbers) + 1
                 notes.append(f"[{numbers[r.artifact]}] {r.artifact}")
