@@ -554,7 +554,7 @@ def _warn_seeded(runner, artifact) -> None:
     from hsnet_deploy.console import err
     from hsnet_deploy.info import seeded_weights_warning
 
-    warning = seeded_weights_warning(getattr(runner, "meta", None) or {}, artifact)
+    warning = seeded_weights_warning(runner.info.metadata, artifact)
     if warning:
         err.print(f"[yellow]Warning: {warning}[/]")
 

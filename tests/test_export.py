@@ -106,3 +106,22 @@ def test_reference_outputs_expose_three_pyramid_levels(exported):
     _, _, model = exported("resnet50")
     out = reference_outputs(model, random_episode(1, 2, EXPORT_SIZE))
     assert [out[n].shape[1] for n in PYRAMID_NAMES] == [3, 6, 4]
+
+
+@pytest.mark.parametrize("rank,ok", [(4, True), (5, False), (6, False)])
+def test_structure_check_refuses_a_conv_that_is_not_2d(rank, ok):
+    """check_onnx_structure's promise (only 2D convs) holds: a 3D/4D Conv left in the graph is an error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hsnet_deploy.export.onnx_export import check_onnx_structure
+
+    w = numpy_helper.from_array(np.zeros((2, 1) + (3,) * (rank - 2), np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv_under_test")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph)
+    if ok:
+        check_onnx_structure(model)
+    else:
+        with pytest.raises(RuntimeError, match=f"conv_under_test: a {rank - 2}D Conv"):
+            check_onnx_structure(model)

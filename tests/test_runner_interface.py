@@ -113,7 +113,7 @@ def test_bench_table_fits_80_columns(exported, monkeypatch):
     (["--workspace", "2"], "--workspace: for --backend tensorrt"),
     (["--backend", "tensorrt", "--device", "cuda"], "--device: for --backend onnxruntime, not tensorrt"),
     (["--fp16", "--calib-method", "entropy"], "--calib-method: for --int8 only; --fp16 would ignore it"),
-    (["--calib-data", "."], "--calib-data: for --fp16 or --int8"),
+    (["--calib-data", "."], "--calib-data is used by --int8"),
 ])
 def test_build_engine_refuses_options_its_backend_ignores(exported, tmp_path, args, message):
     path, _, _ = exported("resnet50")

@@ -28,29 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from hsnet_deploy.data.episodes import Episode
 from hsnet_deploy.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BENCHMARK_DIRS = (("fss", "FSS-1000"), ("pascal", "VOC2012"), ("coco", "COCO2014"))
 MIN_CALIB_EPISODES = 1
 MIN_GATE_EPISODES = 1
-
-
-@dataclass(frozen=True)
-class CalibEpisode:
-    """Paths of one episode; `class_id` groups episodes for mIoU (the simple layout has one class, 0)."""
-
-    name: str
-    class_id: int
-    query_image: Path
-    query_mask: Path | None
-    support_images: tuple[Path, ...]
-    support_masks: tuple[Path, ...]
-    source: object = None  # the benchmark reader's Episode, loaded with its own label rules
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "class_id": self.class_id, "query": str(self.query_image),
-                "supports": [str(p) for p in self.support_images]}
 
 
 @dataclass
@@ -70,8 +54,8 @@ class EpisodeSplit:
 
     layout: str
     root: Path
-    calib: list[CalibEpisode]
-    gate: list[CalibEpisode]
+    calib: list[Episode]
+    gate: list[Episode]
     seed: int
     available: int
 
@@ -119,7 +103,7 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def simple_episodes(root: Path) -> list[CalibEpisode]:
+def simple_episodes(root: Path) -> list[Episode]:
     """The simple layout; a folder with a query but no complete support pair is an error, not skipped."""
     episodes = []
     for folder in _episode_dirs(root):
@@ -135,21 +119,18 @@ def simple_episodes(root: Path) -> list[CalibEpisode]:
             i += 1
         if not supports:
             raise UserError(f"{folder}: episode without supports (expected support1.jpg and support1_mask.png)")
-        episodes.append(CalibEpisode(folder.name, 0, query, _find(folder, "query_mask"), tuple(supports), tuple(masks)))
+        episodes.append(Episode(len(episodes), 0, "episode", query, _find(folder, "query_mask"), tuple(supports),
+                                tuple(masks), user_masks=True, label=folder.name))
     return episodes
 
 
-def benchmark_episodes(layout: str, root: Path, fold: int, seed: int) -> list[CalibEpisode]:
+def benchmark_episodes(layout: str, root: Path, fold: int, seed: int) -> list[Episode]:
     """The authors' episode sequence of a benchmark (1-shot); K-shot gating is not what the variant changes."""
     from hsnet_deploy.data.datasets import build_episodes
 
     base = root.parent if root.name == dict(BENCHMARK_DIRS)[layout] else root
     episode_set = build_episodes(layout, base, fold=fold, shots=1, seed=seed, check_files=True)
-    return [
-        CalibEpisode(f"{ep.class_name}/{ep.query_image.name}#{ep.index}", ep.class_id, ep.query_image, ep.query_mask,
-                     ep.support_images, ep.support_masks, ep)
-        for ep in episode_set.episodes
-    ]
+    return list(episode_set.episodes)
 
 
 def split_episodes(
@@ -173,7 +154,7 @@ def split_episodes(
     layout = detect_layout(root)
     pool = simple_episodes(root) if layout == "simple" else benchmark_episodes(layout, root, fold, seed)
     # One episode per query image: a repeated query in both sets would leak calibration into the gate.
-    unique: dict[Path, CalibEpisode] = {}
+    unique: dict[Path, Episode] = {}
     for ep in pool:
         unique.setdefault(ep.query_image, ep)
     pool = list(unique.values())
@@ -193,7 +174,7 @@ def split_episodes(
     return split
 
 
-def check_episode_files(ep: CalibEpisode) -> None:
+def check_episode_files(ep: Episode) -> None:
     """Every mask must be its image's size: a mismatch means a wrong pairing, not something to resize away."""
     from PIL import Image
 
@@ -217,26 +198,15 @@ def check_episode_files(ep: CalibEpisode) -> None:
             )
 
 
-def load_sample(ep: CalibEpisode, size: int) -> EpisodeSample:
+def load_sample(ep: Episode, size: int) -> EpisodeSample:
     """Decode and preprocess exactly as `eval` does (PIL bilinear images, legacy-nearest masks)."""
-    if ep.source is not None:
-        from hsnet_deploy.data.episodes import load_episode
+    from hsnet_deploy.data.episodes import load_episode
 
-        t = load_episode(ep.source, size)
-        feed = {"query_img": t.query_img[None].numpy(), "support_imgs": t.support_imgs[None].numpy(),
-                "support_masks": t.support_masks[None].numpy()}
-        return EpisodeSample(ep.name, ep.class_id, feed, t.query_mask.numpy(), t.query_ignore.numpy())
-
-    from hsnet_deploy.data.preprocess import image_to_tensor, load_binary_mask, load_image, mask_to_tensor
-
-    s_imgs = np.stack([image_to_tensor(load_image(p), size).numpy() for p in ep.support_images])
-    s_masks = np.stack([mask_to_tensor(load_binary_mask(p), size).numpy() for p in ep.support_masks])
-    q_mask = None
-    if ep.query_mask is not None:
-        q_mask = mask_to_tensor(load_binary_mask(ep.query_mask, require_foreground=False), size).numpy()
-    feed = {"query_img": image_to_tensor(load_image(ep.query_image), size).numpy()[None],
-            "support_imgs": s_imgs[None], "support_masks": s_masks[None]}
-    return EpisodeSample(ep.name, ep.class_id, feed, q_mask, None)
+    t = load_episode(ep, size)
+    feed = {"query_img": t.query_img[None].numpy(), "support_imgs": t.support_imgs[None].numpy(),
+            "support_masks": t.support_masks[None].numpy()}
+    return EpisodeSample(ep.name, ep.class_id, feed, None if t.query_mask is None else t.query_mask.numpy(),
+                         None if t.query_ignore is None else t.query_ignore.numpy())
 
 
 def one_shot_feeds(sample: EpisodeSample) -> list[dict[str, np.ndarray]]:

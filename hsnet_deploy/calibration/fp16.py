@@ -31,6 +31,7 @@ import re
 import onnx
 
 from hsnet_deploy.calibration.graph import mask_path_nodes
+from hsnet_deploy.export.graph_index import GraphIndex
 
 KEEP_FP32 = {
     "mask": "support-mask resize and masking: residues down to ~1e-11 decide which support positions count "
@@ -45,10 +46,7 @@ KEEP_FP32 = {
 def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
     """Each ReduceL2 and the elementwise chain after it up to the normalised features: (norm + eps) and
     v / norm, or, with the support mask folded in (export layouts), m * norm + eps, m / (...) and v * factor."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex.of(proto)
     names: list[str] = []
     for node in proto.graph.node:
         if node.op_type != "ReduceL2":
@@ -60,7 +58,7 @@ def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
                 continue
             seen.add(current.name)
             names.append(current.name)
-            stack.extend(c for c in consumers.get(current.output[0], []) if c.op_type in ("Mul", "Add", "Div"))
+            stack.extend(c for c in index.readers(current.output[0]) if c.op_type in ("Mul", "Add", "Div"))
     return names
 
 
@@ -72,11 +70,8 @@ def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
     from hsnet_deploy.calibration.graph import node_stages
 
     stages = node_stages(proto)
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex.of(proto)
+    producer = index.producer
     names: list[str] = []
     for sqrt in proto.graph.node:
         if sqrt.op_type != "Sqrt" or stages.get(sqrt.name) != "learner":
@@ -95,7 +90,7 @@ def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
         down = [sqrt]  # normalisation and affine, stopping at the ReLU
         while down:
             node = down.pop()
-            for c in consumers.get(node.output[0], []):
+            for c in index.readers(node.output[0]):
                 if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape"):
                     seen.add(c.name)
                     down.append(c)

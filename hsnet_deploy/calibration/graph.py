@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from hsnet_deploy.artifacts import props_to_meta, stage_of_node
+from hsnet_deploy.export.graph_index import GraphIndex
 
 STAGES = ("backbone", "correlation", "learner", "decoder")
 
@@ -87,8 +88,7 @@ def chain_nodes(proto: onnx.ModelProto, stages: set[str]) -> list[str]:
     """
     stage_of = node_stages(proto)
     on_mask_path = set(mask_path_nodes(proto))
-    consts = {i.name for i in proto.graph.initializer}
-    consts.update(o for n in proto.graph.node if n.op_type == "Constant" for o in n.output)
+    consts = GraphIndex.of(proto).constants
     chosen = []
     for node in proto.graph.node:
         if stage_of.get(node.name) not in stages or node.name in on_mask_path or node.op_type not in CHAINABLE_OPS:
@@ -107,19 +107,15 @@ def fold_batchnorm(proto: onnx.ModelProto) -> int:
     stage map stays valid); returns how many were folded.
     """
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    producer = {out: node for node in graph.node for out in node.output}
+    index = GraphIndex.of(graph)
+    inits, producer = index.initializers, index.producer
     graph_outputs = {o.name for o in graph.output}
     removed, folded = set(), 0
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
         conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0], 0) != 1:
+        if conv is None or conv.op_type != "Conv" or len(index.readers(conv.output[0])) != 1:
             continue
         if conv.output[0] in graph_outputs or not all(n in inits for n in bn.input[1:5]):
             continue

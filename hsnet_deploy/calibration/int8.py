@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from hsnet_deploy.calibration.graph import CHAINABLE_OPS, STAGES, chain_nodes, fold_batchnorm, weighted_nodes
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.export.graph_index import GraphIndex
 
 # Measured (benchmarks/precision.py, resnet50 400x400, B = K = 1, 2 threads, balanced seeded weights):
 # backbone + correlation keep mean mask agreement 0.995 (sign agreement 0.99999) and run 0.56-0.68 s
@@ -204,8 +205,8 @@ def _modelopt_job(tmp: str) -> None:
 
 def qdq_summary(proto: onnx.ModelProto) -> dict:
     """Which ops take Q/DQ inputs, the integer types used, and whether every zero-point is 0."""
-    producers = {out: node for node in proto.graph.node for out in node.output}
-    inits = {i.name: i for i in proto.graph.initializer}
+    index = GraphIndex.of(proto)
+    inits = index.initializers
     consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
     quantised, zero_points, types = Counter(), [], set()
     for node in proto.graph.node:
@@ -216,7 +217,7 @@ def qdq_summary(proto: onnx.ModelProto) -> dict:
                 types.add(str(zp.dtype))
         if node.op_type in ("DequantizeLinear", "QuantizeLinear"):
             continue
-        if any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+        if any(index.made_by(i, "DequantizeLinear") for i in node.input):
             quantised[node.op_type] += 1
     for node in proto.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
@@ -236,9 +237,9 @@ def _const(name: str, inits: dict, consts: dict) -> np.ndarray | None:
 
 def quantised_inputs(proto: onnx.ModelProto) -> list[str]:
     """Names of the nodes that consume a DequantizeLinear output: where the Q/DQ pairs actually sit."""
-    producers = {out: node for node in proto.graph.node for out in node.output}
+    index = GraphIndex.of(proto)
     return [n.name for n in proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-            and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
+            and any(index.made_by(i, "DequantizeLinear") for i in n.input)]
 
 
 def ort_optimised_graph(model_path: str | os.PathLike, threads: int | None = None) -> onnx.ModelProto:
@@ -269,19 +270,16 @@ def requantise_breaks(optimised: onnx.ModelProto) -> dict[str, int]:
     DequantizeLinear -> op -> QuantizeLinear around an op ONNX Runtime could have run on uint8
     (graph.CHAINABLE_OPS), counted by that op's type. An empty dict means every such op stayed in int8.
     """
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in optimised.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex.of(optimised)
     breaks: Counter = Counter()
     for dq in optimised.graph.node:
         if dq.op_type != "DequantizeLinear":
             continue
-        for node in consumers.get(dq.output[0], []):
+        for node in index.readers(dq.output[0]):
             if node.op_type == "QuantizeLinear":
                 breaks["DQ->Q"] += 1
             elif node.op_type in CHAINABLE_OPS and any(
-                    c.op_type == "QuantizeLinear" for out in node.output for c in consumers.get(out, [])):
+                    c.op_type == "QuantizeLinear" for out in node.output for c in index.readers(out)):
                 breaks[node.op_type] += 1
     return dict(breaks)
 

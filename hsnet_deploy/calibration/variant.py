@@ -130,6 +130,84 @@ def variant_stages(proto: onnx.ModelProto, stages: dict[str, list[str]]) -> dict
     return out
 
 
+def _check_request(src: Path, precision: str, backend: str, calib_method: str, calib_dir, quantize) -> tuple:
+    """Refuse a request make_variant cannot honour, before any work; returns (FP32 metadata, INT8 stages)."""
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if calib_method not in CALIBRATION_METHODS:
+        raise UserError(f"--calib-method {calib_method}: expected one of {', '.join(CALIBRATION_METHODS)}")
+    meta = read_onnx_meta(src)
+    if meta.get("precision", "fp32") != "fp32":
+        raise UserError(f"{src}: is already a {meta['precision']} variant; make variants from the FP32 export")
+    if precision == "int8" and calib_dir is None:
+        raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
+    stages = check_stages(quantize or DEFAULT_STAGES[backend]) if precision == "int8" else ()
+    _require_quant_deps(precision, backend)
+    return meta, stages
+
+
+def _convert_fp16(src: Path, keep_fp32: tuple[str, ...], bar: _Progress) -> tuple[onnx.ModelProto, dict]:
+    bar.start("converting to FP16 (ModelOpt AutoCast)", 1)
+    proto, kept = convert_fp16(str(src), keep_fp32)
+    bar.advance()
+    return proto, {"kept_fp32": {g: {"reason": KEEP_FP32[g], "nodes": len(names)} for g, names in kept.items()},
+                   "converter": "modelopt.onnx.autocast"}
+
+
+def _quantize_int8(src: Path, calib_samples: list[EpisodeSample], stages, calib_method: str, backend: str,
+                   bar: _Progress) -> tuple[onnx.ModelProto, dict]:
+    feeds = [f for s in calib_samples for f in one_shot_feeds(s)]
+    bar.start(f"calibrating INT8 ({backend}, {calib_method})", len(feeds))
+    quantizer = quantize_onnxruntime if backend == "onnxruntime" else quantize_tensorrt
+    proto, nodes = quantizer(str(src), feeds, stages, calib_method, on_feed=bar.advance)
+    bar.advance()
+    return proto, {
+        "quantized_stages": list(stages), "quantized_nodes": len(nodes), "calib_method": calib_method,
+        "scheme": ("uint8 asymmetric activations, int8 per-channel symmetric weights, QDQ (onnxruntime)"
+                   if backend == "onnxruntime" else
+                   "int8 symmetric activations and weights, zero-point 0, Q/DQ on weighted-op inputs (ModelOpt)"),
+        "qdq": qdq_summary(proto),
+    }
+
+
+def _ort_int8_kernels(variant_path: Path, threads: int | None) -> dict:
+    """Which INT8 kernels ONNX Runtime actually runs, and where it dequantises and requantises between them."""
+    optimised = ort_optimised_graph(variant_path, threads)
+    counts = Counter(n.op_type for n in optimised.graph.node)
+    return {"ort_int8_kernels": {op: counts[op] for op in (*INT8_KERNELS, "QuantizeLinear", "DequantizeLinear",
+                                                           "Conv", "MatMul") if counts.get(op)},
+            "ort_requantise_breaks": requantise_breaks(optimised)}
+
+
+def _variant_meta(src: Path, meta: dict, proto: onnx.ModelProto, precision: str, info: dict, report: GateReport,
+                  split: EpisodeSplit | None, seed: int, gate_count: int) -> dict:
+    new_meta = dict(props_to_meta({p.key: p.value for p in proto.metadata_props}) or meta)
+    new_meta.update(meta)
+    new_meta.update({
+        "precision": precision,
+        "variant": info,
+        "gate": report.to_dict(),
+        "calibration": split.info() if split else {"layout": "synthetic", "seed": seed, "gate_episodes": gate_count},
+        "source_model": src.name,
+        "source_sha256": sha256_file(src),
+        "versions": _versions(),
+        "stages": variant_stages(proto, meta.get("stages", {})),
+    })
+    return new_meta
+
+
+def _write_variant(proto: onnx.ModelProto, meta: dict, out: Path) -> None:
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta_to_props(meta))
+    proto.producer_name = "hsnet-deploy"
+    with atomic_path(out) as tmp_out:
+        onnx.save(proto, str(tmp_out))
+
+
 def make_variant(
     onnx_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -158,24 +236,10 @@ def make_variant(
     which depend on whether the gate episodes have ground truth.
     Raises UserError for bad input and GateFailure (with `.report`) when the gate fails: nothing written.
     """
-    from hsnet_deploy.runtime.artifact import read_onnx_meta
-
     start = time.perf_counter()
     src = Path(onnx_path)
     out = check_output_path(out_path)
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if backend not in BACKENDS:
-        raise UserError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if calib_method not in CALIBRATION_METHODS:
-        raise UserError(f"--calib-method {calib_method}: expected one of {', '.join(CALIBRATION_METHODS)}")
-    meta = read_onnx_meta(src)
-    if meta.get("precision", "fp32") != "fp32":
-        raise UserError(f"{src}: is already a {meta['precision']} variant; make variants from the FP32 export")
-    if precision == "int8" and calib_dir is None:
-        raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
-    stages = check_stages(quantize or DEFAULT_STAGES[backend]) if precision == "int8" else ()
-    _require_quant_deps(precision, backend)
+    meta, stages = _check_request(src, precision, backend, calib_method, calib_dir, quantize)
     size = int(meta["img_size"])
 
     split: EpisodeSplit | None = None
@@ -190,37 +254,17 @@ def make_variant(
             has_gt = all(s.query_mask is not None for s in gate_samples)
             thresholds = GateThresholds.defaults(has_gt, **(thresholds or {}))
 
-        info: dict = {"backend": backend}
         with tempfile.TemporaryDirectory(prefix="hsnet-variant-", dir=out.parent) as tmp:
             variant_path = Path(tmp) / "variant.onnx"
             if precision == "fp16":
-                bar.start("converting to FP16 (ModelOpt AutoCast)", 1)
-                proto, kept = convert_fp16(str(src), tuple(keep_fp32))
-                bar.advance()
-                info["kept_fp32"] = {g: {"reason": KEEP_FP32[g], "nodes": len(names)} for g, names in kept.items()}
-                info["converter"] = "modelopt.onnx.autocast"
+                proto, info = _convert_fp16(src, tuple(keep_fp32), bar)
             else:
                 calib_samples = _load(split.calib, size, bar, "calibration")
-                feeds = [f for s in calib_samples for f in one_shot_feeds(s)]
-                bar.start(f"calibrating INT8 ({backend}, {calib_method})", len(feeds))
-                quantizer = quantize_onnxruntime if backend == "onnxruntime" else quantize_tensorrt
-                proto, nodes = quantizer(str(src), feeds, stages, calib_method, on_feed=bar.advance)
-                bar.advance()
-                info.update({
-                    "quantized_stages": list(stages), "quantized_nodes": len(nodes), "calib_method": calib_method,
-                    "scheme": ("uint8 asymmetric activations, int8 per-channel symmetric weights, QDQ (onnxruntime)"
-                               if backend == "onnxruntime" else
-                               "int8 symmetric activations and weights, zero-point 0, Q/DQ on weighted-op inputs (ModelOpt)"),
-                    "qdq": qdq_summary(proto),
-                })
+                proto, info = _quantize_int8(src, calib_samples, stages, calib_method, backend, bar)
+            info = {"backend": backend, **info}
             onnx.save(proto, str(variant_path))
             if precision == "int8" and backend == "onnxruntime":
-                optimised = ort_optimised_graph(variant_path, threads)
-                counts = Counter(n.op_type for n in optimised.graph.node)
-                info["ort_int8_kernels"] = {op: counts[op] for op in (*INT8_KERNELS, "QuantizeLinear",
-                                                                      "DequantizeLinear", "Conv", "MatMul")
-                                            if counts.get(op)}
-                info["ort_requantise_breaks"] = requantise_breaks(optimised)
+                info.update(_ort_int8_kernels(variant_path, threads))
 
             bar.start("FP32 reference on the gate episodes", len(gate_samples))
             reference = fp32_outputs(src, gate_samples, threads, on_episode=bar.advance)
@@ -231,30 +275,14 @@ def make_variant(
             if split is None:
                 report.notes.append(f"no --calib-data: gated on {len(gate_samples)} synthetic episodes (seed {seed})")
 
-            new_meta = dict(props_to_meta({p.key: p.value for p in proto.metadata_props}) or meta)
-            new_meta.update(meta)
-            new_meta.update({
-                "precision": precision,
-                "variant": info,
-                "gate": report.to_dict(),
-                "calibration": split.info() if split else {"layout": "synthetic", "seed": seed,
-                                                           "gate_episodes": len(gate_samples)},
-                "source_model": src.name,
-                "source_sha256": sha256_file(src),
-                "versions": _versions(),
-                "stages": variant_stages(proto, meta.get("stages", {})),
-            })
+            new_meta = _variant_meta(src, meta, proto, precision, info, report, split, seed, len(gate_samples))
             if not report.passed:
                 failure = GateFailure(
                     f"{precision} variant of {src.name} failed the accuracy gate: {'; '.join(report.failures())}; "
                     f"{out} was not written")
                 failure.report = report  # type: ignore[attr-defined]
                 raise failure
-            del proto.metadata_props[:]
-            onnx.helper.set_model_props(proto, meta_to_props(new_meta))
-            proto.producer_name = "hsnet-deploy"
-            with atomic_path(out) as tmp_out:
-                onnx.save(proto, str(tmp_out))
+            _write_variant(proto, new_meta, out)
     finally:
         bar.close()
     new_meta["seconds"] = round(time.perf_counter() - start, 1)

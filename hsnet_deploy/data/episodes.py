@@ -15,37 +15,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hsnet_deploy.data.preprocess import IMG_SIZE, image_to_tensor, load_image, load_mask, mask_to_tensor
+from hsnet_deploy.data.preprocess import (
+    IMG_SIZE,
+    image_to_tensor,
+    load_binary_mask,
+    load_image,
+    load_mask,
+    mask_to_tensor,
+)
 
 
 @dataclass(frozen=True)
 class Episode:
-    """One few-shot episode: a query and K supports of one class.
+    """One few-shot episode: a query and K supports of one class, for `eval`, calibration and the gate.
 
     `fg_label` is the mask value that marks the class (PASCAL, COCO: class id + 1); None means the
     FSS-1000 rule (grey level >= 128). `ignore_label` (PASCAL: 255) marks pixels left out of the IoU
-    and turned into background in support masks.
+    and turned into background in support masks. `user_masks`: a person's own 0/1, 0/255 or palette
+    masks (the calibration folder layout), read as `predict` reads them; the query mask may then be
+    missing (no ground truth). `label` names the episode in reports (default: class/query#index).
     """
 
     index: int
     class_id: int
     class_name: str
     query_image: Path
-    query_mask: Path
+    query_mask: Path | None
     support_images: tuple[Path, ...]
     support_masks: tuple[Path, ...]
     fg_label: int | None = None
     ignore_label: int | None = None
+    user_masks: bool = False
+    label: str = ""
 
     @property
     def shots(self) -> int:
         return len(self.support_images)
 
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.class_name}/{self.query_image.name}#{self.index}"
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["query_image"], d["query_mask"] = str(self.query_image), str(self.query_mask)
+        d["query_image"], d["query_mask"] = str(self.query_image), self.query_mask and str(self.query_mask)
         d["support_images"] = [str(p) for p in self.support_images]
         d["support_masks"] = [str(p) for p in self.support_masks]
+        for key in ("user_masks", "label"):  # benchmark episodes keep the digest earlier versions saved
+            if not d[key]:
+                del d[key]
         return d
 
 
@@ -79,10 +97,10 @@ class EpisodeTensors:
     query_img: torch.Tensor  # (3, S, S)
     support_imgs: torch.Tensor  # (K, 3, S, S)
     support_masks: torch.Tensor  # (K, S, S)
-    query_mask: torch.Tensor  # (S, S), nearest-resized
-    query_ignore: torch.Tensor  # (S, S) bool
-    query_mask_orig: torch.Tensor  # (H0, W0), the query's own size
-    query_ignore_orig: torch.Tensor  # (H0, W0) bool
+    query_mask: torch.Tensor | None  # (S, S), nearest-resized; None: no ground truth (user_masks only)
+    query_ignore: torch.Tensor | None  # (S, S) bool
+    query_mask_orig: torch.Tensor | None  # (H0, W0), the query's own size
+    query_ignore_orig: torch.Tensor | None  # (H0, W0) bool
 
 
 def _binarise(labels: np.ndarray, ep: Episode) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +118,8 @@ def _binarise(labels: np.ndarray, ep: Episode) -> tuple[np.ndarray, np.ndarray]:
 
 def load_episode(ep: Episode, size: int = IMG_SIZE) -> EpisodeTensors:
     """Decode and preprocess one episode as the authors' readers do (errors name the missing file)."""
+    if ep.user_masks:
+        return _load_user_episode(ep, size)
     luminance = ep.fg_label is None  # FSS-1000 masks are read through .convert('L')
 
     q_labels = load_mask(ep.query_mask, luminance=luminance)
@@ -107,19 +127,32 @@ def load_episode(ep: Episode, size: int = IMG_SIZE) -> EpisodeTensors:
     # Resizing the raw labels then binarising equals binarising then resizing: nearest only selects pixels.
     q_fg_s, q_ign_s = _binarise(mask_to_tensor(q_labels, size).to(torch.uint8).numpy(), ep)
 
-    s_imgs, s_masks = [], []
-    for img_path, mask_path in zip(ep.support_images, ep.support_masks):
-        s_imgs.append(image_to_tensor(load_image(img_path), size))
+    s_masks = []
+    for mask_path in ep.support_masks:
         fg, _ = _binarise(load_mask(mask_path, luminance=luminance), ep)  # ignore (255) -> background
         s_masks.append(mask_to_tensor(fg, size))
+    return _tensors(ep, size, s_masks, torch.from_numpy(q_fg_s), torch.from_numpy(q_ign_s),
+                    torch.from_numpy(q_fg), torch.from_numpy(q_ign))
 
+
+def _load_user_episode(ep: Episode, size: int) -> EpisodeTensors:
+    """A person's own masks, read as `predict` reads them; nothing is ignored."""
+    s_masks = [mask_to_tensor(load_binary_mask(p), size) for p in ep.support_masks]
+    if ep.query_mask is None:
+        return _tensors(ep, size, s_masks, None, None, None, None)
+    q_fg = load_binary_mask(ep.query_mask, require_foreground=False)
+    q_ign = np.zeros(q_fg.shape, dtype=bool)
+    return _tensors(ep, size, s_masks, mask_to_tensor(q_fg, size), torch.zeros((size, size), dtype=torch.bool),
+                    torch.from_numpy(q_fg), torch.from_numpy(q_ign))
+
+
+def _tensors(ep: Episode, size: int, s_masks: list[torch.Tensor], *query_truth) -> EpisodeTensors:
+    s_imgs = [image_to_tensor(load_image(p), size) for p in ep.support_images]
     return EpisodeTensors(
         query_img=image_to_tensor(load_image(ep.query_image), size),
         # np.stack, not torch.stack: loader threads stay off torch's intra-op pool (see image_to_tensor)
         support_imgs=torch.from_numpy(np.stack([t.numpy() for t in s_imgs])),
         support_masks=torch.from_numpy(np.stack([t.numpy() for t in s_masks])),
-        query_mask=torch.from_numpy(q_fg_s),
-        query_ignore=torch.from_numpy(q_ign_s),
-        query_mask_orig=torch.from_numpy(q_fg),
-        query_ignore_orig=torch.from_numpy(q_ign),
+        query_mask=query_truth[0], query_ignore=query_truth[1],
+        query_mask_orig=query_truth[2], query_ignore_orig=query_truth[3],
     )

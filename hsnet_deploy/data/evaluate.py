@@ -197,6 +197,94 @@ def _load_state(path: Path, settings: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------- loop
 
 
+class _RunState:
+    """What a run has counted so far, and where it is saved: the state a resume continues from."""
+
+    def __init__(self, eset: EpisodeSet, settings: dict, state_path: str | os.PathLike | None, resume: bool):
+        self.settings = settings
+        self.total = len(eset)
+        self.acc = IoUAccumulator(eset.class_ids)
+        self.start = self.done = 0
+        self.prior_seconds = self.prior_infer = self.infer_seconds = 0.0
+        self.notes = list(eset.notes)
+        self.state_file = check_output_path(state_path) if state_path is not None else None
+        if self.state_file is not None and resume:
+            self._resume()
+        self.t_start = time.perf_counter()
+
+    def _resume(self) -> None:
+        state = _load_state(self.state_file, self.settings)
+        if state is None:
+            self.notes.append(f"no saved state at {self.state_file}: started from episode 0")
+            return
+        self.acc = IoUAccumulator.from_dict(state["accumulator"])
+        self.start = self.done = int(state["next_episode"])
+        self.prior_seconds, self.prior_infer = float(state["seconds"]), float(state["inference_seconds"])
+
+    @property
+    def seconds(self) -> float:
+        return self.prior_seconds + time.perf_counter() - self.t_start
+
+    def add_batch(self, item: _Batch, counts: list[tuple[np.ndarray, np.ndarray]], save_every: int) -> None:
+        """Count a whole batch at once (the saved totals cover whole batches only); save every `save_every`."""
+        for ep, (inter, union) in zip(item.episodes, counts):
+            self.acc.add(ep.class_id, inter, union)
+        previous, self.done = self.done, item.start + len(item.episodes)
+        if self.done // save_every > previous // save_every:
+            self.save()
+
+    def save(self) -> None:
+        if self.state_file is None:
+            return
+        write_json_atomic(self.state_file, {
+            "format": STATE_FORMAT,
+            "fingerprint": _fingerprint(self.settings),
+            "settings": self.settings,
+            "next_episode": self.done,
+            "complete": self.done >= self.total,
+            "accumulator": self.acc.to_dict(),
+            "seconds": self.seconds,
+            "inference_seconds": self.prior_infer + self.infer_seconds,
+        })
+
+    def result(self, eset: EpisodeSet, img_size: int, original_size: bool) -> EvalResult:
+        return EvalResult(
+            dataset=eset.dataset, fold=eset.fold, shots=eset.shots, img_size=img_size, episodes=self.total,
+            miou=self.acc.miou, fb_iou=self.acc.fb_iou,
+            class_iou={c: v * 100 for c, v in self.acc.class_iou().items()},
+            class_names={c: eset.class_names.get(c, str(c)) for c in self.acc.visited},
+            seconds=self.seconds, inference_seconds=self.prior_infer + self.infer_seconds,
+            resumed_from=self.start, original_size=original_size, notes=self.notes,
+        )
+
+
+def _episode_set(episodes: EpisodeSet | Sequence[Episode]) -> EpisodeSet:
+    if isinstance(episodes, EpisodeSet):
+        return episodes
+    eps = list(episodes)
+    ids = tuple(sorted({e.class_id for e in eps}))
+    names = {e.class_id: e.class_name for e in eps}
+    return EpisodeSet("custom", 0, eps[0].shots if eps else 0, ids, names, eps)
+
+
+def _settings(eset: EpisodeSet, img_size: int, original_size: bool, batch: int, fingerprint: dict | None) -> dict:
+    """What a resumed run must share with the saved one."""
+    return {
+        "dataset": eset.dataset, "fold": eset.fold, "shots": eset.shots, "episodes": len(eset),
+        "episode_digest": eset.digest(), "img_size": img_size, "original_size": original_size, "batch": batch,
+        **{f"run.{k}": v for k, v in (fingerprint or {}).items()},
+    }
+
+
+def _score(item: _Batch, preds: list[np.ndarray], original_size: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(intersection, union) per episode, at the query's own size or at S x S."""
+    return [
+        area_counts(pred, t.query_mask_orig.numpy(), t.query_ignore_orig.numpy()) if original_size
+        else area_counts(pred, t.query_mask.numpy(), t.query_ignore.numpy())
+        for t, pred in zip(item.tensors, preds)
+    ]
+
+
 def evaluate(
     predict_fn: PredictFn,
     episodes: EpisodeSet | Sequence[Episode],
@@ -224,116 +312,41 @@ def evaluate(
     - `fingerprint`: what else identifies the run (artifact hash, backend, precision); it joins the
       dataset settings in the fingerprint a resumed run must match.
     """
-    if isinstance(episodes, EpisodeSet):
-        eset = episodes
-    else:
-        eps = list(episodes)
-        ids = tuple(sorted({e.class_id for e in eps}))
-        names = {e.class_id: e.class_name for e in eps}
-        eset = EpisodeSet("custom", 0, eps[0].shots if eps else 0, ids, names, eps)
+    eset = _episode_set(episodes)
     if batch < 1:
         raise UserError(f"--batch {batch}: must be at least 1")
     if original_size and eset.dataset == "fss":
         raise UserError("original-size evaluation is defined for PASCAL-5i and COCO-20i only (as the authors')")
-    n = len(eset)
-
-    settings = {
-        "dataset": eset.dataset,
-        "fold": eset.fold,
-        "shots": eset.shots,
-        "episodes": n,
-        "episode_digest": eset.digest(),
-        "img_size": img_size,
-        "original_size": original_size,
-        "batch": batch,
-        **{f"run.{k}": v for k, v in (fingerprint or {}).items()},
-    }
-    acc = IoUAccumulator(eset.class_ids)
-    start, prior_seconds, prior_infer = 0, 0.0, 0.0
-    notes = list(eset.notes)
-    state_file = check_output_path(state_path) if state_path is not None else None
-    if state_file is not None and resume:
-        state = _load_state(state_file, settings)
-        if state is None:
-            notes.append(f"no saved state at {state_file}: started from episode 0")
-        else:
-            acc = IoUAccumulator.from_dict(state["accumulator"])
-            start = int(state["next_episode"])
-            prior_seconds, prior_infer = float(state["seconds"]), float(state["inference_seconds"])
-
-    t_start = time.perf_counter()
-    infer_seconds = 0.0
-    done = start
-
-    def save() -> None:
-        if state_file is None:
-            return
-        write_json_atomic(
-            state_file,
-            {
-                "format": STATE_FORMAT,
-                "fingerprint": _fingerprint(settings),
-                "settings": settings,
-                "next_episode": done,
-                "complete": done >= n,
-                "accumulator": acc.to_dict(),
-                "seconds": prior_seconds + time.perf_counter() - t_start,
-                "inference_seconds": prior_infer + infer_seconds,
-            },
-        )
+    run = _RunState(eset, _settings(eset, img_size, original_size, batch, fingerprint), state_path, resume)
 
     fold = "" if eset.dataset == "fss" else f" fold {eset.fold}"  # FSS-1000 has one test split, no folds
     bar = progress_bar(console=console, enabled=progress)
-    loader = _Prefetcher(eset.episodes, start, batch, img_size, prefetch, workers) if start < n else None
+    loader = (_Prefetcher(eset.episodes, run.start, batch, img_size, prefetch, workers)
+              if run.start < run.total else None)
     try:
         with bar:
-            task = bar.add_task(f"{eset.dataset}{fold} {eset.shots}-shot", total=n, completed=start,
-                                status=f"mIoU {_fmt(acc)}")
+            task = bar.add_task(f"{eset.dataset}{fold} {eset.shots}-shot", total=run.total, completed=run.start,
+                                status=f"mIoU {_fmt(run.acc)}")
             for item in loader or ():
                 t0 = time.perf_counter()
                 out = np.asarray(predict_fn(item.query_img, item.support_imgs, item.support_masks))
-                infer_seconds += time.perf_counter() - t0
+                run.infer_seconds += time.perf_counter() - t0
                 preds = _predictions(out, item, original_size, img_size)
-                # Count the whole batch before adding any of it: the saved totals cover whole batches only.
-                counts = [
-                    area_counts(pred, t.query_mask_orig.numpy(), t.query_ignore_orig.numpy())
-                    if original_size
-                    else area_counts(pred, t.query_mask.numpy(), t.query_ignore.numpy())
-                    for t, pred in zip(item.tensors, preds)
-                ]
-                for offset, (ep, (inter, union)) in enumerate(zip(item.episodes, counts)):
-                    acc.add(ep.class_id, inter, union)
-                    if on_episode is not None:
-                        on_episode(item.start + offset, ep, item.tensors[offset], preds[offset], (inter, union))
-                previous, done = done, item.start + len(item.episodes)
-                bar.update(task, completed=done, status=f"mIoU {_fmt(acc)}")
-                if done // save_every > previous // save_every:
-                    save()
+                counts = _score(item, preds, original_size)
+                run.add_batch(item, counts, save_every)
+                if on_episode is not None:
+                    for offset, (ep, area) in enumerate(zip(item.episodes, counts)):
+                        on_episode(item.start + offset, ep, item.tensors[offset], preds[offset], area)
+                bar.update(task, completed=run.done, status=f"mIoU {_fmt(run.acc)}")
     except BaseException:
         with contextlib.suppress(OSError, UserError):  # never hide the error that stopped the run
-            save()  # the completed batches; a resume continues from the first unfinished one
+            run.save()  # the completed batches; a resume continues from the first unfinished one
         raise
     finally:
         if loader is not None:
             loader.close()
-    save()
-
-    return EvalResult(
-        dataset=eset.dataset,
-        fold=eset.fold,
-        shots=eset.shots,
-        img_size=img_size,
-        episodes=n,
-        miou=acc.miou,
-        fb_iou=acc.fb_iou,
-        class_iou={c: v * 100 for c, v in acc.class_iou().items()},
-        class_names={c: eset.class_names.get(c, str(c)) for c in acc.visited},
-        seconds=prior_seconds + time.perf_counter() - t_start,
-        inference_seconds=prior_infer + infer_seconds,
-        resumed_from=start,
-        original_size=original_size,
-        notes=notes,
-    )
+    run.save()
+    return run.result(eset, img_size, original_size)
 
 
 def _predictions(out: np.ndarray, item: _Batch, original_size: bool, size: int) -> list[np.ndarray]:

@@ -146,7 +146,11 @@ def _drop_outputs(model_proto: onnx.ModelProto, names: tuple[str, ...]) -> None:
 
 def check_onnx_structure(model_proto: onnx.ModelProto) -> None:
     """What the decomposition promises: only 2D convs, no loops, no custom domains."""
+    weight_rank = {init.name: len(init.dims) for init in model_proto.graph.initializer}
     for node in model_proto.graph.node:
+        if node.op_type == "Conv" and weight_rank.get(node.input[1], 4) != 4:
+            raise RuntimeError(f"{node.name}: a {weight_rank[node.input[1]] - 2}D Conv in the exported graph "
+                               "(every center-pivot 4D conv must be decomposed into 2D convs)")
         if node.domain not in ("", "ai.onnx"):
             raise RuntimeError(f"custom op {node.domain}::{node.op_type} in the exported graph")
         if node.op_type in ("Loop", "If", "Scan"):

@@ -29,7 +29,8 @@ class RunnerInfo:
     """What a runner is, for tables and JSON: e.g. backend 'onnxruntime', device 'cpu', precision 'fp32'.
 
     `img_size` is the artifact's fixed H = W (an eager checkpoint: the authors' 400), `backbone` its backbone,
-    `authors_weights` whether it was made from the authors' released weights (paper figures apply)."""
+    `authors_weights` whether it was made from the authors' released weights (paper figures apply),
+    `metadata` what the artifact file says of itself (source weights, seed, profile, versions)."""
 
     backend: str
     device: str
@@ -39,6 +40,12 @@ class RunnerInfo:
     img_size: int = AUTHORS_IMG_SIZE
     backbone: str | None = None
     authors_weights: bool = False
+    metadata: dict = field(default_factory=dict)  # the artifact's own metadata (empty for an in-memory model)
+
+    def profile_max(self, axis: str) -> int | None:
+        """The largest B ('batch') or K ('shots') a TensorRT plan's optimisation profile admits; None: no cap."""
+        dims = (self.metadata.get("profile") or {}).get(axis)
+        return int(dims[-1]) if dims else None
 
     @property
     def label(self) -> str:

@@ -62,7 +62,7 @@ class OrtRunner(Runner):
         self.info = RunnerInfo("onnxruntime", device, str(meta.get("precision", "fp32")), model_path,
                                {"backbone": meta.get("backbone"), "threads": threads},
                                img_size=int(meta.get("img_size", 0)), backbone=meta.get("backbone"),
-                               authors_weights=meta.get("checkpoint_format") == "authors")
+                               authors_weights=meta.get("checkpoint_format") == "authors", metadata=dict(meta))
         if device == "cuda":
             self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_provider_options(self.ep_options)})
 

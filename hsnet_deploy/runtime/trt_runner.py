@@ -295,6 +295,7 @@ class TensorRTRunner(Runner):
             img_size=int(meta.get("img_size", 0)),
             backbone=meta.get("backbone"),
             authors_weights=meta.get("checkpoint_format") == "authors",
+            metadata=dict(meta),
         )
         self._reset()
 

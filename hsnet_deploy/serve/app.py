@@ -43,15 +43,13 @@ class Episode:
 
 def shot_limit(runner, requested: int) -> int:
     """K the service accepts: the server's option, capped by a TensorRT plan's optimisation profile."""
-    profile = (getattr(runner, "meta", None) or {}).get("profile") or {}
-    shots = profile.get("shots")
-    return min(requested, int(shots[-1])) if shots else requested
+    cap = runner.info.profile_max("shots")
+    return min(requested, cap) if cap else requested
 
 
 def batch_limit(runner, requested: int) -> int:
-    profile = (getattr(runner, "meta", None) or {}).get("profile") or {}
-    batch = profile.get("batch")
-    return min(requested, int(batch[-1])) if batch else requested
+    cap = runner.info.profile_max("batch")
+    return min(requested, cap) if cap else requested
 
 
 @serve.deployment(name="HSNetModel")
@@ -69,8 +67,8 @@ class HSNetModel:
             # torch only upsamples the logits here: one thread (the runner has its own pool; a second pool
             # contending with it slowed that small step many-fold on a busy machine)
             torch.set_num_threads(1)
-        meta = getattr(self.runner, "meta", None) or {}
-        self.img_size = int(meta.get("img_size", 400))
+        meta = self.runner.info.metadata
+        self.img_size = self.runner.info.img_size
         self.max_batch = batch_limit(self.runner, config.max_batch)
         self.max_shots = shot_limit(self.runner, config.max_shots)
         self.segment.set_max_batch_size(self.max_batch)
