@@ -142,3 +142,34 @@ def test_fp16_split_gates_on_the_int8_gate_episodes_and_needs_only_those(simple_
     assert [e.name for e in fp16.gate] == [e.name for e in int8.gate]
     small = split_episodes(simple_dir, 32, 10, seed=2, calibrate=False)  # 12 episodes: the gate's 10 fit
     assert len(small.gate) == 10 and len(small.calib) == 2
+
+
+def test_one_episode_type_reads_user_masks_as_predict_does(tmp_path):
+    """Calibration episodes are data.episodes.Episode; the simple layout's masks are read by predict's
+    own reader (0/255 grey here), and an episode without query_mask has no ground truth."""
+    from hsnet_deploy.data.episodes import Episode, load_episode
+    from hsnet_deploy.data.preprocess import image_to_tensor, load_binary_mask, load_image, mask_to_tensor
+
+    write_simple_layout(tmp_path / "c", episodes=3, size=40, shots=1, seed=2)
+    split = split_episodes(tmp_path / "c", 1, 2, seed=0)
+    ep = split.gate[0]
+    assert type(ep) is Episode and ep.user_masks and ep.name == ep.query_image.parent.name
+    sample = load_sample(ep, 32)
+    expected = mask_to_tensor(load_binary_mask(ep.support_masks[0]), 32).numpy()
+    np.testing.assert_array_equal(sample.feed["support_masks"][0, 0], expected)
+    np.testing.assert_array_equal(sample.feed["query_img"][0], image_to_tensor(load_image(ep.query_image), 32).numpy())
+    no_truth = Episode(0, 0, "episode", ep.query_image, None, ep.support_images, ep.support_masks, user_masks=True)
+    tensors = load_episode(no_truth, 32)
+    assert tensors.query_mask is None and tensors.query_mask_orig is None
+    assert load_sample(no_truth, 32).query_mask is None
+
+
+def test_benchmark_episode_digest_keeps_its_old_fields(tmp_path):
+    """The fields added for user layouts stay out of a benchmark episode's dict, so an eval state saved
+    before them still resumes (its fingerprint hashes these dicts)."""
+    from hsnet_deploy.data.episodes import Episode
+
+    ep = Episode(3, 1, "cat", tmp_path / "q.jpg", tmp_path / "q.png", (tmp_path / "s.jpg",), (tmp_path / "s.png",), 2)
+    assert set(ep.to_dict()) == {"index", "class_id", "class_name", "query_image", "query_mask", "support_images",
+                                 "support_masks", "fg_label", "ignore_label"}
+    assert ep.name == "cat/q.jpg#3"

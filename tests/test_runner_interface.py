@@ -121,3 +121,22 @@ def test_build_engine_refuses_options_its_backend_ignores(exported, tmp_path, ar
     code, _, err = run_cli("build-engine", str(path), *args, "-o", str(out))
     assert code == 2 and "Error:" in err and message in err, err
     assert not out.exists()
+
+
+def test_artifact_metadata_and_profile_caps_come_from_runner_info(exported):
+    """serve caps B and K by a TensorRT plan's profile and predict warns about seeded weights, both from
+    runner.info; an ONNX export carries its metadata there too."""
+    from hsnet_deploy.runtime.base import RunnerInfo
+    from hsnet_deploy.serve.app import batch_limit, shot_limit
+
+    path, _, _ = exported("resnet50")
+    runner = open_artifact(path, "cpu")
+    assert runner.info.metadata.get("weights") == "seeded-random" and runner.info.metadata["img_size"] == EXPORT_SIZE
+    assert runner.info.profile_max("batch") is None
+    assert shot_limit(runner, 5) == 5 and batch_limit(runner, 8) == 8
+
+    class Plan:
+        info = RunnerInfo("tensorrt", "cuda", "fp16", metadata={"profile": {"batch": [1, 2, 4], "shots": [1, 1, 3]}})
+
+    assert Plan.info.profile_max("batch") == 4 and Plan.info.profile_max("shots") == 3
+    assert shot_limit(Plan, 5) == 3 and batch_limit(Plan, 8) == 4 and batch_limit(Plan, 2) == 2

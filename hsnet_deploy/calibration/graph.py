@@ -56,7 +56,7 @@ def weighted_nodes(proto: onnx.ModelProto, stages: set[str]) -> list[str]:
     MatMuls outside the correlation are resizes by constant interpolation matrices (support masks,
     learner upsampling, output): cheap, exactness-critical for the masks, never quantised. Nor is the
     last Conv (64 -> 2 channels): its output is the logits, which a quantiser would round to 8 bits
-    (measured: relative logit error 0.15 with it, see README), for well under 1% of the time.
+    (figure: docs/benchmarks.md, "INT8: which stages by default"), for well under 1% of the time.
     """
     stage_of = node_stages(proto)
     on_mask_path = set(mask_path_nodes(proto))

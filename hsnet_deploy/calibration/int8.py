@@ -35,11 +35,9 @@ from hsnet_deploy.calibration.graph import CHAINABLE_OPS, STAGES, chain_nodes, f
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.export.graph_index import GraphIndex
 
-# Measured (benchmarks/precision.py, resnet50 400x400, B = K = 1, 2 threads, balanced seeded weights):
-# backbone + correlation keep mean mask agreement 0.995 (sign agreement 0.99999) and run 0.56-0.68 s
-# against 0.74-0.93 s for FP32 in ONNX Runtime; adding the learner (and decoder) saves another ~15%
-# (0.49-0.50 s) but drops agreement to 0.93 (0.88): as low as a deliberately broken calibration. Users with
-# trained weights and ground truth can opt in (`quantize=`) and let the gate decide.
+# Stages quantised by default: backbone + correlation keep the masks' agreement with FP32; the learner
+# loses as much as a broken calibration (figures: docs/benchmarks.md, "INT8: which stages by default").
+# Users with trained weights and ground truth can opt in (`quantize=`) and let the gate decide.
 DEFAULT_STAGES = {
     "onnxruntime": ("backbone", "correlation"),
     "tensorrt": ("backbone", "correlation"),

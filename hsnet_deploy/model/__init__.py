@@ -1,4 +1,4 @@
-"""The PyTorch HSNet, numerically equal to the authors' code (see docs/hsnet-architecture.md)."""
+"""The PyTorch HSNet, numerically equal to the authors' code (spec: shared/docs/hsnet-architecture.md)."""
 
 from hsnet_deploy.model.backbones import BACKBONES, feature_sizes
 from hsnet_deploy.model.center_pivot import CenterPivotConv4d

@@ -3,7 +3,7 @@
 Precision lives in the ONNX (FP16 = mixed-precision ONNX, INT8 = explicit Q/DQ), so the network is
 always strongly typed and no precision flag or calibrator is ever set: TensorRT 11 removed them, and
 10.x gives the same engine through the same path. The plan is written unmodified (trtexec and other
-loaders read it as is); its metadata goes to the sidecar `<plan>.json` (docs/contract.md).
+loaders read it as is); its metadata goes to the sidecar `<plan>.json` (shared/docs/contract.md).
 
 `build_engine` is a sequence of small steps (network, parse, config, profile, timing cache, build,
 sidecar), each one testable against a fake `tensorrt` module. `tensorrt` is imported inside functions
