@@ -351,14 +351,15 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     for label, r in zip(labels, suite.results):
         lat = r.latency_ms or {}
         mem = r.device_mem_mb if r.device_mem_mb is not None else r.peak_rss_mb
-        rows.append((label, lat.get("mean"), lat.get("p50"), lat.get("p99"), r.cold_ms, r.episodes_per_s, mem,
+        rows.append((label, lat.get("mean"), lat.get("p50"), r.cold_ms, r.episodes_per_s, mem,
                      r.gflop_per_s, f"{r.speedup_vs_eager:.2f}x" if r.speedup_vs_eager else None))
-    title = f"bench: B={suite.batch} K={suite.shots} {suite.img_size}x{suite.img_size} {suite.backbone}"
-    out.print(table(title, ["runner", "mean ms", "p50", "p99", "cold ms", "ep/s", "peak MB", "GFLOP/s",
+    title = (f"bench: B={suite.batch} K={suite.shots} {suite.img_size}x{suite.img_size} {suite.backbone}, "
+             "latency in ms")
+    out.print(table(title, ["runner", "mean", "p50", "cold", "ep/s", "peak MB", "GFLOP/s",
                             "vs eager"], rows))
     for line in artifact_notes:
         out.print(line, soft_wrap=True)
-    out.print(f"machine: {suite.machine.get('cpu', '')}; full percentiles (p90, p95, min, max) with --json",
+    out.print(f"machine: {suite.machine.get('cpu', '')}; percentiles (p90, p95, p99, min, max) with --json",
               soft_wrap=True)
     stage_names = ["backbone", "correlation", "learner", "decoder", "other"]
     stage_rows = [(label, *[r.stages_ms.get(s) for s in stage_names])

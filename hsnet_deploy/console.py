@@ -34,12 +34,24 @@ def progress_bar(transient: bool = False, console: Console | None = None, enable
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[object]]) -> Table:
     """A compact table (a rule under the header, no side borders) so short labels fit 80 columns."""
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
-        t.add_row(*("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row))
+        t.add_row(*("-" if v is None else number(v) if isinstance(v, float) else str(v) for v in row))
     return t
+
+
+def number(value: float) -> str:
+    """A table cell: 3-4 significant digits, never an exponent for the sizes tables hold (1695, 53.9, 0.452)."""
+    size = abs(value)
+    if size >= 100 or value == 0:
+        return f"{value:.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    if size >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
 
 
 def kv_table(title: str, rows: Iterable[tuple[str, object]]) -> Table:

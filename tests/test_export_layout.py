@@ -148,3 +148,63 @@ def test_model_in_export_layout_matches_eager_at_a_halo_size():
     _close(got, want, rel=1e-5)
     for g, w in zip(got_pyramid, want_pyramid):
         _close(g, w, rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,grid", [(3, 1, (2, 2)), (3, 1, (3, 2)), (3, 2, (4, 4)), (5, 4, (5, 6))])
+def test_support_major_conv_matches_naive_4d_sum(kernel, stride, grid):
+    """The dense 1x1 form of conv2 and conv1 on support-major maps give the explicit 4D sums."""
+    torch.manual_seed(kernel + stride + grid[0])
+    conv = CenterPivotConv4d(3, 5, kernel, stride)
+    x = torch.randn(2, 3, 4, 5, *grid)  # (N, C, Hq, Wq, Hs, Ws)
+    conv.prepare_support_major(*grid)
+    with torch.no_grad():
+        got = conv.forward_support_major(x.permute(0, 4, 5, 1, 2, 3)).permute(0, 3, 4, 5, 1, 2)
+    _close(got, naive_center_pivot(x, conv.conv1.weight, conv.conv1.bias, conv.conv2.weight,
+                                   conv.conv2.bias, stride))
+
+
+def test_support_major_groupnorm_matches_torch():
+    torch.manual_seed(7)
+    gn = GroupNorm6d(4, 16, eps=1e-5)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+        x = torch.randn(3, 16, 6, 5, 2, 2) * 2 + 5.0
+        want = F.group_norm(x, 4, gn.weight, gn.bias, 1e-5)
+        got = gn.forward_support_major(x.permute(0, 4, 5, 1, 2, 3)).permute(0, 3, 4, 5, 1, 2)
+    _close(got, want, rel=2e-5)
+
+
+def test_support_major_mixing_matches_the_eager_learner():
+    """encode with the mixing in the support-major layout (export) against the eager learner."""
+    torch.manual_seed(3)
+    learner = HPNLearner((3, 6, 4)).eval()
+    with torch.no_grad():
+        for module in learner.modules():
+            if isinstance(module, GroupNorm6d):
+                module.weight.normal_()
+                module.bias.normal_()
+        # C4 13x13 -> 2x2 support grid after squeezing, C3 25x25, C2 50x50 queries (resnet50 at 400), small here
+        pyramid = [torch.randn(2, 3, 4, 4, 13, 13), torch.randn(2, 6, 7, 7, 25, 25), torch.randn(2, 4, 13, 13, 50, 50)]
+        want = learner.encode(pyramid)
+        learner.resize.prepare({(4, 7), (7, 13)})
+        for module in learner.modules():
+            if isinstance(module, GroupNorm6d):
+                module.two_stage = True
+            if isinstance(module, CenterPivotConv4d):
+                module.export_layout = True
+        learner.prepare_support_major(2, 2)
+        got = learner.encode(pyramid)
+    assert got.shape == want.shape == (2, 128, 13, 13)
+    _close(got, want, rel=2e-5)
+
+
+def test_per_row_affine_is_x_times_scale_plus_shift():
+    """The GroupNorm affine as one BatchNormalization (mean 0, variance 1 - eps) equals x * scale + shift."""
+    from hsnet_deploy.model.learner import per_row_affine
+
+    torch.manual_seed(5)
+    x, scale, shift = torch.randn(1, 6, 50) * 30, torch.randn(6), torch.randn(6) * 4
+    with torch.no_grad():
+        got = per_row_affine(x, scale, shift)
+    _close(got, x * scale[:, None] + shift[:, None], rel=1e-6)

@@ -91,7 +91,8 @@ def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
         while down:
             node = down.pop()
             for c in index.readers(node.output[0]):
-                if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape"):
+                if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape", "Expand",
+                                                             "BatchNormalization"):
                     seen.add(c.name)
                     down.append(c)
         names.extend(n.name for n in proto.graph.node if n.name in seen)

@@ -103,6 +103,44 @@ class CenterPivotConv4d(nn.Module):
         sup = sup.reshape(n, hq, wq, self.conv2.out_channels, hs_out, ws_out).permute(0, 3, 1, 2, 4, 5)
         return out + sup
 
+    def dense_support_conv(self, hs: int, ws: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv2 over an (hs, ws) support grid written as one 1x1 conv over (hs*ws*C) channels.
+
+        Row (i', j', co), column (i, j, c) of the weight is the conv2 tap that output position (i', j')
+        applies to input position (i, j), read off conv2 itself by convolving the one-hot basis (zero
+        where the kernel does not reach, as the conv's zero padding). On a 2 x 2 grid with a 3 x 3 kernel
+        every output sees every input, so the dense form does exactly the conv's work, as one GEMM.
+        """
+        c, co = self.conv2.in_channels, self.conv2.out_channels
+        with torch.no_grad():
+            basis = torch.eye(hs * ws * c, dtype=self.conv2.weight.dtype).reshape(hs * ws * c, hs, ws, c)
+            taps = F.conv2d(basis.permute(0, 3, 1, 2), self.conv2.weight, None, self.conv2.stride,
+                            self.conv2.padding)  # (hs*ws*C, Co, hs', ws')
+            hs_out, ws_out = taps.shape[-2:]
+            weight = taps.permute(2, 3, 1, 0).reshape(hs_out * ws_out * co, hs * ws * c, 1, 1).contiguous()
+            bias = self.conv2.bias.detach().repeat(hs_out * ws_out)
+        return weight, bias
+
+    def prepare_support_major(self, hs: int, ws: int) -> None:
+        """Fix the support grid and precompute conv2's dense form for `forward_support_major`."""
+        weight, bias = self.dense_support_conv(hs, ws)
+        self.register_buffer("dense_weight", weight, persistent=False)
+        self.register_buffer("dense_bias", bias, persistent=False)
+
+    def forward_support_major(self, x: torch.Tensor) -> torch.Tensor:
+        """forward on the support-major layout (N, Hs, Ws, C, Hq, Wq) -> (N, Hs', Ws', Co, Hq', Wq'),
+        with no transposes: conv1 runs on each (pruned) support position's (C, Hq, Wq) map as a batch of
+        images, conv2 is the dense 1x1 conv of `dense_support_conv` over (Hs*Ws*C, Hq, Wq). For the
+        mixing blocks (2 x 2 support grids), where the 6D layout ran conv2 on Hq*Wq images of 2 x 2."""
+        n, hs, ws, c, hq, wq = x.shape
+        s = self.support_stride
+        pruned = x[:, ::s, ::s] if s > 1 else x
+        hs_out, ws_out = int(pruned.shape[1]), int(pruned.shape[2])
+        co = self.conv1.out_channels
+        q = self.conv1(pruned.reshape(n * hs_out * ws_out, c, hq, wq))
+        sup = F.conv2d(x.reshape(n, hs * ws * c, hq, wq), self.dense_weight, self.dense_bias)
+        return q.reshape(n, hs_out, ws_out, co, hq, wq) + sup.reshape(n, hs_out, ws_out, co, hq, wq)
+
     def forward_halo(self, inp: HaloInput) -> torch.Tensor:
         """forward on a first block's input as the export-mode correlation writes it: no transposes.
 

@@ -85,6 +85,8 @@ class HSNet(nn.Module):
         learner_pairs = {(fh[2], fh[1]), (fh[1], fh[0]), (fw[2], fw[1]), (fw[1], fw[0]),
                          (fh[0], 2 * fh[0]), (fw[0], 2 * fw[0])}
         self.hpn_learner.resize.prepare(learner_pairs)
+        self.hpn_learner.prepare_support_major(squeezed_support_side(self.backbone_name, height)[0],
+                                               squeezed_support_side(self.backbone_name, width)[0])
         self.output_resize.prepare({(2 * fh[0], height), (2 * fw[0], width)})
         for module in self.modules():
             if isinstance(module, GroupNorm6d):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hsnet_deploy.model.center_pivot import CenterPivotConv4d, HaloInput
@@ -24,7 +25,8 @@ class GroupNorm6d(nn.GroupNorm):
     relative there. Reducing over the support dims first and then over the rest keeps FP32 exact to
     ~3e-7. Eager mode keeps nn.GroupNorm (the authors' numerics); export switches `two_stage` on.
     The export form reads the tensor twice for E[x] and E[x^2] (no centred copy is written) and folds
-    the normalisation and the affine into one per-(N, C) scale and shift: one Mul and one Add.
+    the normalisation and the affine into one per-(N, C) scale and shift, applied by one
+    BatchNormalization node (`per_row_affine`).
     """
 
     two_stage = False
@@ -47,8 +49,38 @@ class GroupNorm6d(nn.GroupNorm):
         weight = self.weight.reshape(1, groups, c // groups)
         scale = weight * inv_std.reshape(n, groups, 1)  # (N, G, C/G)
         shift = self.bias.reshape(1, groups, c // groups) - scale * mean.reshape(n, groups, 1)
-        stat_shape = (n, c) + (1,) * len(spatial)
-        return x * scale.reshape(stat_shape) + shift.reshape(stat_shape)
+        inner_all = int(spatial[0]) * int(spatial[1]) * inner
+        return per_row_affine(x.reshape(1, n * c, inner_all), scale.reshape(n * c), shift.reshape(n * c)).reshape(x.shape)
+
+    def forward_support_major(self, x: torch.Tensor) -> torch.Tensor:
+        """The export form on the support-major layout (N, Hs, Ws, C, Hq, Wq): the same statistics per
+        (sample, group), reduced over the query dims first, then channels, then support positions."""
+        n, hs, ws, c, hq, wq = x.shape
+        groups = self.num_groups
+        inner = int(hq) * int(wq)
+        g = x.reshape(n, hs * ws, groups, c // groups, inner)
+        mean = g.mean(dim=4).mean(dim=3).mean(dim=1)  # (N, G)
+        mean_sq = torch.linalg.vector_norm(g, dim=4).square().mean(dim=3).mean(dim=1) / inner
+        inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
+        scale = self.weight.reshape(1, groups, c // groups) * inv_std.reshape(n, groups, 1)
+        shift = self.bias.reshape(1, groups, c // groups) - scale * mean.reshape(n, groups, 1)
+        rows = n * hs * ws * c
+        scale = scale.reshape(n, 1, c).expand(n, hs * ws, c).reshape(rows)
+        shift = shift.reshape(n, 1, c).expand(n, hs * ws, c).reshape(rows)
+        return per_row_affine(x.reshape(1, rows, inner), scale, shift).reshape(x.shape)
+
+
+AFFINE_EPS = 1e-5  # BatchNormalization's epsilon; the variance input is 1 - AFFINE_EPS, so the divisor is 1
+
+
+def per_row_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift for x (1, R, S) with one scale and shift per row: exported as a single
+    BatchNormalization node (mean 0, variance 1 - eps, so (x - 0) / sqrt(1) * scale + shift), one pass
+    over the tensor instead of a Mul and an Add. eps stays at cuDNN's minimum, which some runtimes
+    clamp to; the divisor sqrt((1 - eps) + eps) is 1 to within one float32 rounding."""
+    mean = torch.zeros_like(scale)
+    var = torch.full_like(scale, 1.0 - AFFINE_EPS)
+    return F.batch_norm(x, mean, var, scale, shift, False, 0.0, AFFINE_EPS)
 
 
 def building_block(in_channels: int, spec: tuple[tuple[int, int, int], ...]) -> nn.Sequential:
@@ -79,6 +111,15 @@ class HPNLearner(nn.Module):
         )
         self.decoder2 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 2, 3, padding=1))
         self.resize = Resizer()
+        self.support_major = False  # export: the mixing runs in the (N, Hs, Ws, C, Hq, Wq) layout
+
+    def prepare_support_major(self, hs: int, ws: int) -> None:
+        """Export only: mix in the support-major layout over an (hs, ws) squeezed support grid."""
+        for block in (self.encoder_layer4to3, self.encoder_layer3to2):
+            for module in block:
+                if isinstance(module, CenterPivotConv4d):
+                    module.prepare_support_major(hs, ws)
+        self.support_major = True
 
     def upsample_query_dims(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bilinearly resize the query dims of (N, C, Hq, Wq, Hs, Ws) to `size`."""
@@ -109,6 +150,8 @@ class HPNLearner(nn.Module):
         sqz4 = self.squeeze(self.encoder_layer4, pyramid[0])
         sqz3 = self.squeeze(self.encoder_layer3, pyramid[1])
         sqz2 = self.squeeze(self.encoder_layer2, pyramid[2])
+        if self.support_major:
+            return self.mix_support_major(sqz4, sqz3, sqz2)
 
         mix43 = self.upsample_query_dims(sqz4, tuple(sqz3.shape[2:4])) + sqz3
         mix43 = self.encoder_layer4to3(mix43)
@@ -116,6 +159,24 @@ class HPNLearner(nn.Module):
         mix432 = self.encoder_layer3to2(mix432)
 
         return mix432.flatten(4).mean(dim=-1)
+
+    def mix_support_major(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:
+        """encode's mixing on the support-major layout: one transpose per squeezed stage, then no more
+        (upsampling multiplies the trailing query dims, the blocks run `forward_support_major`), and the
+        support average is a reduction over dims 1-2 that leaves the decoder's (N, 128, Hq, Wq)."""
+        sqz4, sqz3, sqz2 = (t.permute(0, 4, 5, 1, 2, 3) for t in (sqz4, sqz3, sqz2))
+        mix43 = self.run_support_major(self.encoder_layer4to3, self.resize(sqz4, tuple(sqz3.shape[-2:])) + sqz3)
+        mix432 = self.run_support_major(self.encoder_layer3to2, self.resize(mix43, tuple(sqz2.shape[-2:])) + sqz2)
+        return mix432.mean(dim=(1, 2))
+
+    @staticmethod
+    def run_support_major(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for module in block:
+            if isinstance(module, CenterPivotConv4d | GroupNorm6d):
+                x = module.forward_support_major(x)
+            else:
+                x = module(x)
+        return x
 
     @staticmethod
     def squeeze(block: nn.Sequential, x: torch.Tensor | HaloInput) -> torch.Tensor:
