@@ -7,17 +7,19 @@ input is already the target type, which TensorRT 11's strongly typed parser reje
 
 What stays FP32 (groups of `KEEP_FP32`, all on by default; `keep` changes them). Measured with
 benchmarks/precision.py (balanced seeded resnet50, ONNX Runtime CPU):
-- `mask`: the support-mask resize MatMuls and the Muls that apply the masks. Required by the spec: the
+- `mask`: the support-mask resize MatMuls and the mask factor (`mask_nodes`). Required by the spec: the
   exact zero pattern of PyTorch's resize decides which support positions count, and its residues go
   down to ~1e-11 (products of two ~4e-6 interpolation weights at an object's edge), below FP16's
   smallest subnormal 6e-8, so FP16 turns them into zeros (tests/test_precision.py builds such a mask).
   Such residues are rare (1 in ~50 random ellipse masks at 400 -> 50) and cost little when they flip,
-  but keeping these 25 small nodes FP32 costs nothing either.
+  but keeping these small nodes FP32 costs nothing either. The Mul applying the factor to the stacked
+  features runs in FP16 (see mask_nodes: the factor of a residue is well inside FP16's range).
 - `l2norm`: ReduceL2 + Add(eps) + Div of the correlation. A precaution: the sum of squares over up to
   2048 pre-ReLU channels must not be accumulated in FP16 (max 65504). Measured on seeded weights it peaks
   at ~80, so the need could not be shown here; trained layer4 activations are far larger, and ONNX Runtime's
   CPU kernels compute in FP32 anyway, so only a GPU run with trained weights can tell.
-- `groupnorm`: the learner's two-stage GroupNorm (statistics, normalisation, affine). Also a precaution
+- `groupnorm`: the learner's two-stage GroupNorm statistics and the per-(N, C) scale and shift computed
+  from them; the BatchNormalization that applies them to the large tensor runs in FP16. Also a precaution
   (variance of ~1.7M values per group at 400x400); seeded weights peak at centred squares ~37.
 On the seeded model, FP16 with none of the groups kept scored the same mean mask agreement (0.9976 at
 128x128) as with all of them: the groups are kept for exactness (mask) and for trained weights' ranges.
@@ -43,9 +45,34 @@ KEEP_FP32 = {
 }
 
 
+def mask_nodes(proto: onnx.ModelProto) -> list[str]:
+    """The support-mask path (graph.mask_path_nodes) without the Mul that applies the folded factor
+    m / (m * ||v|| + eps) to the stacked features (the export layouts): the factor is computed in FP32,
+    where a resize residue m ~ 1e-11 gives a factor ~1e-6, which FP16 holds (its smallest subnormal is
+    6e-8; exact zeros stay zero), so the product runs in FP16 on the FP16 features instead of casting
+    every stacked feature map to FP32 and back (240 MB per episode at 400x400, B = 1). A graph that
+    multiplies the features by the resized mask itself (older exports) keeps that Mul in FP32."""
+    return _without_factor_products(proto, mask_path_nodes(proto))
+
+
+def _without_factor_products(proto: onnx.ModelProto, chain: list[str]) -> list[str]:
+    """`chain` less each Mul that multiplies a Div of the chain (a per-position factor) by a tensor from
+    outside it (the stacked features): the factor is small and computed in FP32, the product is large."""
+    index = GraphIndex.of(proto)
+    members = set(chain)
+
+    def applies_factor(node: onnx.NodeProto) -> bool:
+        inside = [i for i in node.input if i in index.producer and index.producer[i].name in members]
+        return node.op_type == "Mul" and len(node.input) == 2 and len(inside) == 1 and index.made_by(inside[0], "Div")
+
+    nodes = {n.name: n for n in proto.graph.node}
+    return [name for name in chain if not applies_factor(nodes[name])]
+
+
 def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
     """Each ReduceL2 and the elementwise chain after it up to the normalised features: (norm + eps) and
-    v / norm, or, with the support mask folded in (export layouts), m * norm + eps, m / (...) and v * factor."""
+    v / norm, or, with the support mask folded in (export layouts), m * norm + eps and m / (...); the
+    product v * factor over the stacked features runs in FP16 (`_without_factor_products`)."""
     index = GraphIndex.of(proto)
     names: list[str] = []
     for node in proto.graph.node:
@@ -59,7 +86,7 @@ def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
             seen.add(current.name)
             names.append(current.name)
             stack.extend(c for c in index.readers(current.output[0]) if c.op_type in ("Mul", "Add", "Div"))
-    return names
+    return _without_factor_products(proto, names)
 
 
 def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -91,8 +118,9 @@ def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
         while down:
             node = down.pop()
             for c in index.readers(node.output[0]):
-                if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape", "Expand",
-                                                             "BatchNormalization"):
+                # not into the BatchNormalization that applies scale and shift to the large tensor: it runs
+                # in FP16 with the FP32 statistics' scale and shift cast down (small)
+                if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape", "Expand"):
                     seen.add(c.name)
                     down.append(c)
         names.extend(n.name for n in proto.graph.node if n.name in seen)
@@ -106,7 +134,7 @@ def vote_nodes(proto: onnx.ModelProto) -> list[str]:
     return [n.name for n in proto.graph.node if stages.get(n.name) == "other"]
 
 
-GROUP_FINDERS = {"mask": mask_path_nodes, "l2norm": l2norm_nodes, "groupnorm": groupnorm_nodes, "vote": vote_nodes}
+GROUP_FINDERS = {"mask": mask_nodes, "l2norm": l2norm_nodes, "groupnorm": groupnorm_nodes, "vote": vote_nodes}
 
 
 def fp32_nodes(proto: onnx.ModelProto, keep: tuple[str, ...] = tuple(KEEP_FP32)) -> dict[str, list[str]]:

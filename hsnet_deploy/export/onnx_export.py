@@ -95,7 +95,7 @@ class ExportReport:
 
 
 def _trace(model: HSNet, path: Path, img_size: int, opset: int) -> None:
-    wrapper = _WithPyramid(model)
+    wrapper = _WithPyramid(model).eval()  # a new Module starts in training mode; the exporter warns on it
     example = (
         torch.randn(2, 3, img_size, img_size),
         torch.randn(2, 2, 3, img_size, img_size),
