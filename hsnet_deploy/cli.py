@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from hsnet_deploy.defaults import CACHE_DIR, default_artifact, quiet_exporters
+from hsnet_deploy.defaults import default_artifact, quiet_exporters
 from hsnet_deploy.errors import GateFailure, UserError
 
 BACKBONE_CHOICE = click.Choice(["vgg16", "resnet50", "resnet101"])
@@ -220,59 +220,29 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
     --fp16 with --int8, --calib-data without either, an ONNX Runtime-optimised or FP16/INT8 MODEL.
     """
     from hsnet_deploy import preflight
-    from hsnet_deploy.console import dumps, err, out
+    from hsnet_deploy.build import BuildRequest, build
+    from hsnet_deploy.console import err, out
 
     precision = preflight.precision_flags(fp16, int8)
     preflight.build_options(backend, precision, _options_given())
     preflight.build_engine(model, output, precision, backend, calib_data, variant_onnx, json_path, timing_cache)
-    if backend == "tensorrt":  # before minutes of calibration: fail now if the plan cannot be built here
-        from hsnet_deploy.runtime.trt_build import import_tensorrt
-
-        import_tensorrt()
-    if precision != "fp32":
-        from hsnet_deploy.calibration import make_variant
-
-        thresholds = {k: v for k, v in {
-            "max_miou_drop": gate_max_miou_drop, "min_mean_agreement": gate_min_agreement,
-            "min_worst_agreement": gate_min_worst_agreement, "min_sign_agreement": gate_min_sign_agreement,
-            "max_logit_error": gate_max_logit_error}.items() if v is not None}
-        stages = [x.strip() for x in quantize.split(",") if x.strip()] if quantize else None
-        target = output if backend == "onnxruntime" else (variant_onnx or f"{output}.onnx")
-        try:
-            written, report = make_variant(model, target, precision, calib_dir=calib_data,
-                                           calib_episodes=calib_episodes, gate_episodes=gate_episodes, seed=seed,
-                                           fold=fold, backend=backend, quantize=stages, calib_method=calib_method,
-                                           thresholds=thresholds,
-                                           keep_fp32=tuple(x.strip() for x in fp16_keep.split(",") if x.strip()))
-        except GateFailure as failure:
-            _print_gate(getattr(failure, "report", None), json_path)
-            raise
-        _print_gate(report, json_path)
-        out.print(f"[green]Wrote {target}[/] ({precision}, gate passed, {written.get('seconds', 0):.0f}s)")
-        if backend == "onnxruntime":
-            return
-        model = target
-    if backend == "onnxruntime":
-        from hsnet_deploy.runtime.ort_build import build_ort_model
-
-        err.print(f"Optimising {model} with ONNX Runtime for {device} ...")
-        written = build_ort_model(model, output, device)
-        out.print(f"[green]Wrote {output}[/] (ONNX Runtime {written['ort_version']}, {device}, "
-                  f"{written['ort_optimization']} optimisations)")
-        write_json(json_path, {k: v for k, v in written.items() if k != "stages"}, "build report")
-        return
-    from hsnet_deploy.runtime.trt_build import build_engine as trt_build_engine
-
-    cache = timing_cache or str(CACHE_DIR / "trt-timing.cache")
-    Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    err.print(f"Building a TensorRT plan from {model} (B <= {max_batch}, K <= {max_shots}) ...")
-    sidecar = trt_build_engine(model, output, max_batch=max_batch, max_shots=max_shots, opt_batch=opt_batch,
-                               opt_shots=opt_shots, workspace_gib=workspace, timing_cache_path=cache,
-                               version_compatible=version_compatible, tf32=tf32)
-    out.print(f"[green]Wrote {output}[/] and {output}.json")
-    err.print(dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu_name", "compute_capability") if k in sidecar}))
-    if precision == "fp32":
-        write_json(json_path, {k: v for k, v in sidecar.items() if k != "stages"}, "build report")
+    thresholds = {k: v for k, v in {
+        "max_miou_drop": gate_max_miou_drop, "min_mean_agreement": gate_min_agreement,
+        "min_worst_agreement": gate_min_worst_agreement, "min_sign_agreement": gate_min_sign_agreement,
+        "max_logit_error": gate_max_logit_error}.items() if v is not None}
+    request = BuildRequest(
+        model, output, backend, precision, device, calib_data, calib_episodes, gate_episodes, fold, seed,
+        [x.strip() for x in quantize.split(",") if x.strip()] if quantize else None, calib_method, thresholds,
+        tuple(x.strip() for x in fp16_keep.split(",") if x.strip()), variant_onnx, max_batch, max_shots,
+        opt_batch, opt_shots, workspace, timing_cache, version_compatible, tf32)
+    try:
+        result = build(request, step=err.print)
+    except GateFailure as failure:
+        _print_gate(getattr(failure, "report", None), json_path)
+        raise
+    _print_gate(result.gate, None)
+    out.print(f"[green]Wrote {', '.join(result.written)}[/]: {result.summary}")
+    write_json(json_path, result.report, "gate report" if result.gate is not None else "build report")
 
 
 def _print_gate(report, json_path: str | None = None) -> None:
@@ -283,8 +253,9 @@ def _print_gate(report, json_path: str | None = None) -> None:
         return
     data = report.to_dict()
     rows = [(c["name"], c["value"], f"{c['op']} {c['limit']}", c["status"]) for c in data["checks"]]
-    out.print(table(f"accuracy gate: {data['precision']} vs FP32, {len(data['episodes'])} held-out episodes",
-                    ["check", "value", "needs", "verdict"], rows))
+    # the title as a line of its own: a table title wraps at the (narrow) table's width
+    out.print(f"accuracy gate: {data['precision']} vs FP32, {len(data['episodes'])} held-out episodes")
+    out.print(table("", ["check", "value", "needs", "verdict"], rows))
     for note in data.get("notes", []):
         err.print(f"[dim]note: {note}[/]")
     write_json(json_path, data, "gate report")

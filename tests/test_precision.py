@@ -199,6 +199,15 @@ def test_fp16_keeps_mask_l2norm_groupnorm_in_fp32(fp32_model, tmp_path):
     assert types["logits"] == TensorProto.FLOAT and types["mask"] == TensorProto.FLOAT
     assert set(meta["variant"]["kept_fp32"]) == {"mask", "l2norm", "groupnorm", "vote"}
     assert meta["calibration"]["layout"] == "synthetic" and meta["precision"] == "fp16"
+    # ... but the passes over the large tensors that apply those FP32 results run in FP16: the mask/L2 factor
+    # (an FP32 Div) times the stacked features, and GroupNorm's BatchNormalization
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    factor_products = [n for n in proto.graph.node if n.op_type == "Mul" and any(
+        i in producer and producer[i].op_type == "Cast" and producer[producer[i].input[0]].op_type == "Div"
+        for i in n.input if i in producer and producer[i].input and producer[i].input[0] in producer)]
+    assert len(factor_products) == 3 and all(types[n.output[0]] == TensorProto.FLOAT16 for n in factor_products)
+    norms = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    assert len(norms) == 15 and all(types[n.output[0]] == TensorProto.FLOAT16 for n in norms)
 
 
 def test_fp16_masking_in_fp16_would_change_the_correlation():

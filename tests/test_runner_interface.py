@@ -146,3 +146,19 @@ def test_artifact_metadata_and_profile_caps_come_from_runner_info(exported):
 
     assert Plan.info.profile_max("batch") == 4 and Plan.info.profile_max("shots") == 3
     assert shot_limit(Plan, 5) == 3 and batch_limit(Plan, 8) == 4 and batch_limit(Plan, 2) == 2
+
+
+def test_build_engine_is_one_library_call(exported, tmp_path):
+    """build-engine's work is hsnet_deploy.build.build: the CLI only parses, checks and prints."""
+    from hsnet_deploy.build import BuildRequest, build
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+
+    path, _, _ = exported("resnet50")
+    out = tmp_path / "ort.onnx"
+    steps = []
+    result = build(BuildRequest(str(path), str(out)), step=steps.append)
+    assert result.written == [str(out)] and out.is_file() and result.gate is None
+    assert result.report["ort_device"] == "cpu" and read_onnx_meta(out)["ort_device"] == "cpu"
+    assert steps and "Optimising" in steps[0]
+    assert BuildRequest("m.onnx", "p.plan", backend="tensorrt").variant_path == "p.plan.onnx"
+    assert BuildRequest("m.onnx", "v.onnx").variant_path == "v.onnx"
