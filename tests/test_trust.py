@@ -244,7 +244,9 @@ def test_6_bench_rows_name_files_and_json_records_the_run(exported, tmp_path):
                                 "--device", "cpu", "--json", str(out))
     assert code == 0, err
     stage_table = stdout.split("per-stage time")[1]
-    assert f"{Path(model).name} " in stage_table and "m.ort.onnx" in stage_table
+    # rows are named by a short label and a number; the note under the latency table names each file
+    assert f"[1] {model}" in stdout and f"[2] {ort_model}" in stdout
+    assert "ort-cpu fp32 [1]" in stage_table and "ort-cpu fp32 [2]" in stage_table
     assert f"Wrote the benchmark as JSON to {out}" in " ".join(err.split())
     data = json.loads(out.read_text())
     assert data["versions"]["onnxruntime"] and data["timestamp"].endswith("Z")
