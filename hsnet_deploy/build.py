@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsnet_deploy.calibration.fp16 import KEEP_FP32
+from hsnet_deploy.calibration.variant import DEFAULT_CALIB_EPISODES, DEFAULT_GATE_EPISODES
 from hsnet_deploy.defaults import CACHE_DIR
 
 
@@ -20,14 +22,14 @@ class BuildRequest:
     device: str = "cpu"  # onnxruntime: the execution provider the model is optimised for
     # precision variants
     calib_data: str | None = None
-    calib_episodes: int = 32
-    gate_episodes: int = 16
+    calib_episodes: int = DEFAULT_CALIB_EPISODES
+    gate_episodes: int = DEFAULT_GATE_EPISODES
     fold: int = 0
     seed: int = 0
     quantize: list[str] | None = None
     calib_method: str = "minmax"
     thresholds: dict = field(default_factory=dict)
-    fp16_keep: tuple[str, ...] = ("mask", "l2norm", "groupnorm", "vote")
+    fp16_keep: tuple[str, ...] = tuple(KEEP_FP32)
     variant_onnx: str | None = None
     # tensorrt
     max_batch: int = 8

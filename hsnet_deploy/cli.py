@@ -231,10 +231,13 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
         "min_worst_agreement": gate_min_worst_agreement, "min_sign_agreement": gate_min_sign_agreement,
         "max_logit_error": gate_max_logit_error}.items() if v is not None}
     request = BuildRequest(
-        model, output, backend, precision, device, calib_data, calib_episodes, gate_episodes, fold, seed,
-        [x.strip() for x in quantize.split(",") if x.strip()] if quantize else None, calib_method, thresholds,
-        tuple(x.strip() for x in fp16_keep.split(",") if x.strip()), variant_onnx, max_batch, max_shots,
-        opt_batch, opt_shots, workspace, timing_cache, version_compatible, tf32)
+        model, output, backend=backend, precision=precision, device=device, calib_data=calib_data,
+        calib_episodes=calib_episodes, gate_episodes=gate_episodes, fold=fold, seed=seed,
+        quantize=[x.strip() for x in quantize.split(",") if x.strip()] if quantize else None,
+        calib_method=calib_method, thresholds=thresholds,
+        fp16_keep=tuple(x.strip() for x in fp16_keep.split(",") if x.strip()), variant_onnx=variant_onnx,
+        max_batch=max_batch, max_shots=max_shots, opt_batch=opt_batch, opt_shots=opt_shots, workspace_gib=workspace,
+        timing_cache=timing_cache, version_compatible=version_compatible, tf32=tf32)
     try:
         result = build(request, step=err.print)
     except GateFailure as failure:

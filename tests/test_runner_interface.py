@@ -162,3 +162,12 @@ def test_build_engine_is_one_library_call(exported, tmp_path):
     assert steps and "Optimising" in steps[0]
     assert BuildRequest("m.onnx", "p.plan", backend="tensorrt").variant_path == "p.plan.onnx"
     assert BuildRequest("m.onnx", "v.onnx").variant_path == "v.onnx"
+
+
+def test_a_runner_without_device_io_refuses_infer_device():
+    from hsnet_deploy.model import seeded_model
+
+    runner = open_model(seeded_model("resnet50"), "cpu")
+    assert not runner.supports_device_io
+    with runner, pytest.raises(RuntimeError, match="TorchRunner has no device I/O .*use infer"):
+        runner.infer_device({})

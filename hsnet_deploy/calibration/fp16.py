@@ -52,20 +52,19 @@ def mask_nodes(proto: onnx.ModelProto) -> list[str]:
     6e-8; exact zeros stay zero), so the product runs in FP16 on the FP16 features instead of casting
     every stacked feature map to FP32 and back (240 MB per episode at 400x400, B = 1). A graph that
     multiplies the features by the resized mask itself (older exports) keeps that Mul in FP32."""
-    return _without_factor_products(proto, mask_path_nodes(proto))
+    return _without_factor_products(GraphIndex.of(proto), mask_path_nodes(proto))
 
 
-def _without_factor_products(proto: onnx.ModelProto, chain: list[str]) -> list[str]:
+def _without_factor_products(index: GraphIndex, chain: list[str]) -> list[str]:
     """`chain` less each Mul that multiplies a Div of the chain (a per-position factor) by a tensor from
     outside it (the stacked features): the factor is small and computed in FP32, the product is large."""
-    index = GraphIndex.of(proto)
     members = set(chain)
+    nodes = {node.name: node for node in index.producer.values()}
 
     def applies_factor(node: onnx.NodeProto) -> bool:
         inside = [i for i in node.input if i in index.producer and index.producer[i].name in members]
         return node.op_type == "Mul" and len(node.input) == 2 and len(inside) == 1 and index.made_by(inside[0], "Div")
 
-    nodes = {n.name: n for n in proto.graph.node}
     return [name for name in chain if not applies_factor(nodes[name])]
 
 
@@ -86,7 +85,7 @@ def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
             seen.add(current.name)
             names.append(current.name)
             stack.extend(c for c in index.readers(current.output[0]) if c.op_type in ("Mul", "Add", "Div"))
-    return _without_factor_products(proto, names)
+    return _without_factor_products(index, names)
 
 
 def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:

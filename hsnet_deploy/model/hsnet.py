@@ -156,7 +156,11 @@ def kshot_vote(logits: torch.Tensor) -> torch.Tensor:
     Sum the per-shot argmax masks, divide by max(largest vote in the image, 1), keep >= 0.5.
     `fg > bg` equals argmax == 1 (argmax takes the first index on ties). With K = 1 this is the argmax.
     """
-    votes = (logits[:, :, 1] > logits[:, :, 0]).to(logits.dtype).sum(dim=1)  # (B, H, W)
+    return _majority((logits[:, :, 1] > logits[:, :, 0]).to(logits.dtype).sum(dim=1))
+
+
+def _majority(votes: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) foreground votes -> {0, 1}: votes / max(largest vote in the image, 1) >= 0.5."""
     top = votes.flatten(1).amax(dim=1).clamp(min=1.0).reshape(-1, 1, 1)
     return (votes / top >= 0.5).to(torch.float32)
 
@@ -173,4 +177,4 @@ def mask_at_size(shot_logits, height: int, width: int) -> torch.Tensor:
         up = nn.functional.interpolate(shot[None], size=(height, width), mode="bilinear", align_corners=True)[0]
         votes += (up[1] > up[0]).to(torch.float32)
         del up
-    return (votes / votes.max().clamp(min=1.0) >= 0.5).to(torch.float32)
+    return _majority(votes[None])[0]

@@ -45,12 +45,18 @@ class GroupNorm6d(nn.GroupNorm):
         mean = g.mean(dim=3).mean(dim=2)  # (N, G)
         # ReduceL2 reads the tensor once; its square is the row's sum of squares.
         mean_sq = torch.linalg.vector_norm(g, dim=3).square().mean(dim=2) / inner
-        inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
-        weight = self.weight.reshape(1, groups, c // groups)
-        scale = weight * inv_std.reshape(n, groups, 1)  # (N, G, C/G)
-        shift = self.bias.reshape(1, groups, c // groups) - scale * mean.reshape(n, groups, 1)
+        scale, shift = self.scale_shift(n, mean, mean_sq)
         inner_all = int(spatial[0]) * int(spatial[1]) * inner
         return per_row_affine(x.reshape(1, n * c, inner_all), scale.reshape(n * c), shift.reshape(n * c)).reshape(x.shape)
+
+    def scale_shift(self, n, mean: torch.Tensor, mean_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, G) statistics E[x], E[x^2] -> per-(N, G, C/G) scale and shift: the normalisation and the affine
+        in one multiply-add (both export forms; the layouts differ only in how they reduce)."""
+        groups, per_group = self.num_groups, self.num_channels // self.num_groups
+        inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
+        scale = self.weight.reshape(1, groups, per_group) * inv_std.reshape(n, groups, 1)
+        shift = self.bias.reshape(1, groups, per_group) - scale * mean.reshape(n, groups, 1)
+        return scale, shift
 
     def forward_support_major(self, x: torch.Tensor) -> torch.Tensor:
         """The export form on the support-major layout (N, Hs, Ws, C, Hq, Wq): the same statistics per
@@ -61,9 +67,7 @@ class GroupNorm6d(nn.GroupNorm):
         g = x.reshape(n, hs * ws, groups, c // groups, inner)
         mean = g.mean(dim=4).mean(dim=3).mean(dim=1)  # (N, G)
         mean_sq = torch.linalg.vector_norm(g, dim=4).square().mean(dim=3).mean(dim=1) / inner
-        inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
-        scale = self.weight.reshape(1, groups, c // groups) * inv_std.reshape(n, groups, 1)
-        shift = self.bias.reshape(1, groups, c // groups) - scale * mean.reshape(n, groups, 1)
+        scale, shift = self.scale_shift(n, mean, mean_sq)
         rows = n * hs * ws * c
         scale = scale.reshape(n, 1, c).expand(n, hs * ws, c).reshape(rows)
         shift = shift.reshape(n, 1, c).expand(n, hs * ws, c).reshape(rows)
@@ -150,24 +154,19 @@ class HPNLearner(nn.Module):
         sqz4 = self.squeeze(self.encoder_layer4, pyramid[0])
         sqz3 = self.squeeze(self.encoder_layer3, pyramid[1])
         sqz2 = self.squeeze(self.encoder_layer2, pyramid[2])
+        if self.support_major:  # export: one transpose per squeezed stage, none in the mixing
+            sqz4, sqz3, sqz2 = (t.permute(0, 4, 5, 1, 2, 3) for t in (sqz4, sqz3, sqz2))
+        mix432 = self.mix(self.encoder_layer3to2, self.mix(self.encoder_layer4to3, sqz4, sqz3), sqz2)
+        # the support average: (N, 128, Hq, Wq) for the decoder
+        return mix432.mean(dim=(1, 2)) if self.support_major else mix432.flatten(4).mean(dim=-1)
+
+    def mix(self, block: nn.Sequential, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        """block(coarse upsampled to fine's query size + fine). On the support-major layout (export,
+        `support_major`) the upsampling multiplies the trailing query dims and the block runs
+        `forward_support_major`; otherwise the tensors are (N, C, Hq, Wq, Hs, Ws)."""
         if self.support_major:
-            return self.mix_support_major(sqz4, sqz3, sqz2)
-
-        mix43 = self.upsample_query_dims(sqz4, tuple(sqz3.shape[2:4])) + sqz3
-        mix43 = self.encoder_layer4to3(mix43)
-        mix432 = self.upsample_query_dims(mix43, tuple(sqz2.shape[2:4])) + sqz2
-        mix432 = self.encoder_layer3to2(mix432)
-
-        return mix432.flatten(4).mean(dim=-1)
-
-    def mix_support_major(self, sqz4: torch.Tensor, sqz3: torch.Tensor, sqz2: torch.Tensor) -> torch.Tensor:
-        """encode's mixing on the support-major layout: one transpose per squeezed stage, then no more
-        (upsampling multiplies the trailing query dims, the blocks run `forward_support_major`), and the
-        support average is a reduction over dims 1-2 that leaves the decoder's (N, 128, Hq, Wq)."""
-        sqz4, sqz3, sqz2 = (t.permute(0, 4, 5, 1, 2, 3) for t in (sqz4, sqz3, sqz2))
-        mix43 = self.run_support_major(self.encoder_layer4to3, self.resize(sqz4, tuple(sqz3.shape[-2:])) + sqz3)
-        mix432 = self.run_support_major(self.encoder_layer3to2, self.resize(mix43, tuple(sqz2.shape[-2:])) + sqz2)
-        return mix432.mean(dim=(1, 2))
+            return self.run_support_major(block, self.resize(coarse, tuple(fine.shape[-2:])) + fine)
+        return block(self.upsample_query_dims(coarse, tuple(fine.shape[2:4])) + fine)
 
     @staticmethod
     def run_support_major(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,14 @@ class RunnerInfo:
     authors_weights: bool = False
     metadata: dict = field(default_factory=dict)  # the artifact's own metadata (empty for an in-memory model)
 
+    @classmethod
+    def from_metadata(cls, backend: str, device: str, meta: dict, artifact: str, details: dict,
+                      default_precision: str = "fp32") -> RunnerInfo:
+        """An artifact runner's facts, all read off the artifact's own metadata."""
+        return cls(backend, device, str(meta.get("precision", default_precision)), artifact, details,
+                   img_size=int(meta.get("img_size", 0)), backbone=meta.get("backbone"),
+                   authors_weights=meta.get("checkpoint_format") == "authors", metadata=dict(meta))
+
     def profile_max(self, axis: str) -> int | None:
         """The largest B ('batch') or K ('shots') a TensorRT plan's optimisation profile admits; None: no cap."""
         dims = (self.metadata.get("profile") or {}).get(axis)
@@ -119,8 +127,10 @@ class Runner(ABC):
 
     def infer_device(self, feed: dict) -> dict:
         """Device I/O: inputs already on the GPU (torch tensors or DLPack), outputs left there as torch tensors.
-        Only runners with `supports_device_io` have it; their `infer` stays the host-I/O path."""
-        raise NotImplementedError(f"{type(self).__name__} takes host arrays only; use infer()")
+        Only runners with `supports_device_io` have it (ONNX Runtime on CUDA); the others refuse it, and
+        `bench` asks `supports_device_io` before calling it. Their `infer` stays the host-I/O path."""
+        raise RuntimeError(f"{type(self).__name__} has no device I/O (supports_device_io is False); "
+                           "use infer() with host arrays")
 
     def device_memory_bytes(self) -> int | None:
         """Peak device memory this runner used, or None on the CPU (bench then reports process RSS)."""

@@ -49,7 +49,6 @@ class OrtRunner(Runner):
     ) -> None:
         super().__init__()
         self.model_path = model_path
-        self.meta = meta
         self.device = device
         self.threads = threads
         self.cuda_graph = cuda_graph
@@ -59,12 +58,14 @@ class OrtRunner(Runner):
         cuda_provider_options(self.ep_options)  # refuses a bad option now, not at activate
         self.session = None
         self.fixed_io: FixedIoBinding | None = None
-        self.info = RunnerInfo("onnxruntime", device, str(meta.get("precision", "fp32")), model_path,
-                               {"backbone": meta.get("backbone"), "threads": threads},
-                               img_size=int(meta.get("img_size", 0)), backbone=meta.get("backbone"),
-                               authors_weights=meta.get("checkpoint_format") == "authors", metadata=dict(meta))
+        self.info = RunnerInfo.from_metadata("onnxruntime", device, meta, model_path,
+                                             {"backbone": meta.get("backbone"), "threads": threads})
         if device == "cuda":
             self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_provider_options(self.ep_options)})
+
+    @property
+    def meta(self) -> dict:
+        return self.info.metadata
 
     def _providers(self) -> list:
         have = available_providers()

@@ -282,22 +282,15 @@ class TensorRTRunner(Runner):
     def __init__(self, engine_path: str | os.PathLike, meta: dict) -> None:
         super().__init__()
         self.engine_path = Path(engine_path)
-        self.meta = dict(meta)
-        self.info = RunnerInfo(
-            backend="tensorrt",
-            device="cuda",
-            precision=str(meta.get("precision", "unknown")),
-            artifact=str(self.engine_path),
-            details={
-                "built_with": meta.get("tensorrt_version"),
-                "version_compatible": bool(meta.get("version_compatible")),
-            },
-            img_size=int(meta.get("img_size", 0)),
-            backbone=meta.get("backbone"),
-            authors_weights=meta.get("checkpoint_format") == "authors",
-            metadata=dict(meta),
-        )
+        self.info = RunnerInfo.from_metadata(
+            "tensorrt", "cuda", meta, str(self.engine_path),
+            {"built_with": meta.get("tensorrt_version"), "version_compatible": bool(meta.get("version_compatible"))},
+            default_precision="unknown")
         self._reset()
+
+    @property
+    def meta(self) -> dict:
+        return self.info.metadata
 
     def _reset(self) -> None:
         self._trt: ModuleType | None = None
