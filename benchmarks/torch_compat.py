@@ -41,13 +41,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pythons", nargs="+", help="Python interpreters, one per torch version.")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--backbones", nargs="+", choices=BACKBONES, default=list(BACKBONES))
     parser.add_argument("--record", action="store_true", help="Write the table into docs/benchmarks.md.")
+    parser.add_argument("--section", default="torch_compat",
+                        help="docs/benchmarks.md section to (re)write; one per image size keeps both.")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for python in args.pythons:
             version = torch_version(python)
-            for backbone in BACKBONES:
+            for backbone in args.backbones:
                 out = Path(tmp) / f"{backbone}.onnx"
                 code, last, secs = run(python, "-m", "hsnet_deploy", "export", "--backbone", backbone,
                                        "--img-size", str(args.size), "--json", str(out) + ".json", "-o", str(out))
@@ -65,7 +68,7 @@ def main() -> None:
     table = md_table(["torch", "check", "result", "detail", "seconds"], rows)
     print(table)
     if args.record:
-        record("torch_compat", "Export across the supported torch range",
+        record(args.section, f"Export across the supported torch range at {args.size}x{args.size}",
                f"{table}\n\nImage size {args.size}, B and K dynamic, export verification at 1e-4 included.")
 
 
