@@ -12,6 +12,7 @@ After every runner the figures so far are written to OUT/gpu-<part>.json (atomic
 what was measured; a runner that fails is recorded with its error and the next one runs. --budget-s stops
 starting runners after that many seconds.
 
+`benchmarks/gpu_kit.py` packs everything below into parts and prints the device calls in order.
 The ONNX files, made here and carried (gpu.md), seeded weights so the parity figures can be checked:
     hsnet-deploy export --backbone resnet50 --seed 0 -o .gpu/resnet50-400.onnx
     hsnet-deploy build-engine .gpu/resnet50-400.onnx --fp16 -o .gpu/resnet50-400-fp16.onnx

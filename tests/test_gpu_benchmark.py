@@ -49,3 +49,60 @@ def test_ep_sweep_changes_one_option_at_a_time_from_the_defaults():
     assert {"prefer_nhwc": "1"} in sweep and {"use_tf32": "1"} in sweep
     assert {"cudnn_conv_algo_search": "HEURISTIC"} in sweep and {"cudnn_conv_use_max_workspace": "0"} in sweep
     assert all(len(o) == 1 and CUDA_EP_DEFAULTS[k] != v for o in sweep for k, v in o.items())
+
+
+def _kit():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_kit
+
+    return gpu_kit
+
+
+def test_gpu_kit_parts_reassemble_into_the_files_and_the_site_folder(tmp_path):
+    """The parts a GPU session carries, cat'ed and untarred as the last call does, give back every file byte
+    for byte, and the xz site tarball unpacks into importable package folders without the wheel's .data/."""
+    import hashlib
+    import tarfile
+    import zipfile
+
+    kit = _kit()
+    wheel = tmp_path / "pkg-1.0-cp312-cp312-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/__init__.py", "VALUE = 7\n")
+        z.writestr("pkg/capi/libpkg.so.1", os.urandom(3000))
+        z.writestr("pkg-1.0.dist-info/METADATA", "Name: pkg\n")
+        z.writestr("pkg-1.0.data/scripts/tool", "#!/bin/sh\n")
+    site = tmp_path / "site.tar.xz"
+    kit.pack_site([wheel], site, preset=1)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(os.urandom(25_000))
+    parts, sha = kit.split_bundle([site, onnx], tmp_path / "parts", part_bytes=7_000)
+    assert len(parts) >= 4 and all(p.stat().st_size <= 7_000 for p in parts)
+    joined = b"".join(p.read_bytes() for p in sorted(parts))
+    assert hashlib.sha256(joined).hexdigest() == sha
+    (tmp_path / "bundle.tar").write_bytes(joined)
+    stage = tmp_path / "stage"
+    with tarfile.open(tmp_path / "bundle.tar") as tar:
+        tar.extractall(stage, filter="data")
+    assert (stage / "m.onnx").read_bytes() == onnx.read_bytes()
+    with tarfile.open(stage / "site.tar.xz") as tar:
+        tar.extractall(tmp_path / "site", filter="data")
+    names = {str(p.relative_to(tmp_path / "site")) for p in (tmp_path / "site").rglob("*") if p.is_file()}
+    assert names == {"pkg/__init__.py", "pkg/capi/libpkg.so.1", "pkg-1.0.dist-info/METADATA"}
+    run = subprocess.run([sys.executable, "-c", "import pkg; print(pkg.VALUE)"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, check=True)
+    assert run.stdout.strip() == "7"
+
+
+def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
+    kit = _kit()
+    parts = [f".gpu/parts/part{i:02d}" for i in range(6)]
+    calls = kit.device_calls(parts, "f" * 64, "a.onnx", "a-fp16.onnx")
+    assert [c["carry"] for c in calls] == [[p] for p in parts]
+    assert all(len(c["command"]) <= 2000 and c["timeout_s"] <= 600 for c in calls)
+    assert "--part torch" in calls[0]["command"] and "/tmp/torch.pid" in calls[0]["command"]
+    last = calls[-1]["command"]
+    # waits on the torch half by its pid (a pattern match would also match this very shell's command line)
+    assert "kill -0 $(cat /tmp/torch.pid)" in last and "pgrep" not in last
+    assert "f" * 64 in last and "--part ort" in last and "hsnet_deploy bench" in last
+    assert last.index("--part ort") > last.index("kill -0") and last.index("hsnet_deploy bench") > last.index("--part ort")

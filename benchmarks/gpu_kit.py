@@ -1,0 +1,168 @@
+"""Pack what a session lent a GPU carries to it, and print the device calls in order (../shared/docs/gpu.md).
+
+The lent machine has no registry and each call carries at most 64 MiB, so onnxruntime-gpu and the ONNX files
+travel as numbered parts, one per call; the torch half of `benchmarks/gpu.py` starts in the first call and runs
+while the other parts travel. Everything goes under .gpu/ (git-ignored):
+
+    .gpu/resnet50-400.onnx, .gpu/resnet50-400-fp16.onnx   the FP32 export and its gated FP16 variant (seed 0)
+    .gpu/site.tar.xz     the package folders of onnxruntime-gpu and onnxslim for the machine's Python
+    .gpu/parts/partNN    one tar of the three, split into pieces of --part-mb
+    .gpu/kit.json        the commit it was built at, the bundle's sha256, the calls
+
+    python benchmarks/gpu_kit.py            # build (reuses ONNX files built at the same model code)
+    python benchmarks/gpu_kit.py --calls    # print the calls of the kit already built
+
+Written here, not taken from a tool: the steps are this project's own transfer limits (gpu.md), a few lines each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT = ROOT / ".gpu"
+WHEELS = ("onnxruntime-gpu==1.31.1", "onnxslim")
+MACHINE_PYTHON = "3.12"  # the lent machine's Python (gpu.md)
+MODEL_CODE = ("hsnet_deploy/model", "hsnet_deploy/export", "hsnet_deploy/calibration")
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def model_code_commit() -> str:
+    """The last commit that changed the code an export depends on, or 'dirty' when that code has edits."""
+    if sh("git", "status", "--porcelain", "--", *MODEL_CODE):
+        return "dirty"
+    return sh("git", "log", "-1", "--format=%H", "--", *MODEL_CODE)
+
+
+def package_members(wheel: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """A wheel's files minus its scripts and data folders: what a site-packages folder holds."""
+    return [i for i in wheel.infolist() if not i.is_dir() and ".data/" not in i.filename]
+
+
+def pack_site(wheels: list[Path], out: Path, preset: int = 6) -> None:
+    """The wheels' package files as one xz tarball that unpacks into a folder for PYTHONPATH."""
+    tmp = out.with_suffix(".tmp")
+    with tarfile.open(tmp, "w:xz", preset=preset) as tar:
+        for path in wheels:
+            with zipfile.ZipFile(path) as wheel:
+                for info in package_members(wheel):
+                    entry = tarfile.TarInfo(info.filename)
+                    entry.size = info.file_size
+                    entry.mode = 0o755 if info.filename.endswith(".so") or ".so." in info.filename else 0o644
+                    with wheel.open(info) as data:
+                        tar.addfile(entry, data)
+    tmp.replace(out)
+
+
+def split_bundle(files: list[Path], parts_dir: Path, part_bytes: int) -> tuple[list[Path], str]:
+    """One uncompressed tar of `files` (flat names), cut into parts of at most part_bytes; its sha256."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for old in parts_dir.glob("part*"):
+        old.unlink()
+    bundle = parts_dir / "bundle.tar"
+    with tarfile.open(bundle, "w") as tar:
+        for path in files:
+            tar.add(path, arcname=path.name)
+    digest = hashlib.sha256()
+    parts: list[Path] = []
+    with open(bundle, "rb") as src:
+        while chunk := src.read(part_bytes):
+            digest.update(chunk)
+            part = parts_dir / f"part{len(parts):02d}"
+            part.write_bytes(chunk)
+            parts.append(part)
+    bundle.unlink()
+    return parts, digest.hexdigest()
+
+
+def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[dict]:
+    """The `run` calls in order: each copies its part to /tmp/parts; the first starts the torch half in the
+    background; the last checks and unpacks the bundle, waits for the torch half, runs the ONNX Runtime half
+    and the product's own `bench` (the headline figures), and leaves everything in $OUT."""
+    keep = "mkdir -p /tmp/parts; cp {p} /tmp/parts/"
+    calls = []
+    for i, part in enumerate(parts):
+        cmd = keep.format(p=part)
+        if i == 0:
+            cmd += ("; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; setsid nohup python3 "
+                    "benchmarks/gpu.py --part torch --out /tmp/gpu-out > /tmp/gpu-torch.log 2>&1 < /dev/null &"
+                    " echo $! > /tmp/torch.pid; sleep 1; ls -l /tmp/parts")
+        elif i < len(parts) - 1:
+            cmd += "; ls -l /tmp/parts; tail -n 2 /tmp/gpu-torch.log"
+        calls.append({"carry": [part], "command": cmd, "timeout_s": 120})
+    stage = "/tmp/stage"
+    last = (
+        f"; mkdir -p {stage} /tmp/site; cat /tmp/parts/part* > /tmp/bundle.tar"
+        f"; sha256sum /tmp/bundle.tar | grep -q {sha256} && echo 'bundle sha256 ok' || echo 'BUNDLE SHA256 MISMATCH'"
+        f"; tar -xf /tmp/bundle.tar -C {stage}"
+        f"; python3 -c \"import tarfile; tarfile.open('{stage}/site.tar.xz').extractall('/tmp/site')\""
+        "; while kill -0 $(cat /tmp/torch.pid) 2> /dev/null; do sleep 3; done"  # the torch half, started in call 1
+        "; cp /tmp/gpu-out/gpu-torch.* /tmp/gpu-torch.log $OUT/"
+        "; export PYTHONPATH=/tmp/site:$PWD"
+        f"; python3 benchmarks/gpu.py --part ort --out $OUT --onnx {stage}/{onnx} --fp16-onnx {stage}/{fp16}"
+        " --budget-s 200"
+        # SIGINT: bench prints and writes what it measured so far
+        f"; for b in 1 8; do timeout -s INT 110 python3 -m hsnet_deploy bench {stage}/{onnx} {stage}/{fp16}"
+        " --device cuda --cuda-graph --no-stages -b $b -n 30 --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1"
+        "; done"
+    )
+    calls[-1]["command"] += last
+    calls[-1]["timeout_s"] = 590
+    return calls
+
+
+def build_onnx(onnx: Path, fp16: Path) -> None:
+    cli = [sys.executable, "-m", "hsnet_deploy"]
+    subprocess.run([*cli, "export", "--backbone", "resnet50", "--img-size", "400", "--seed", "0", "-o", str(onnx)],
+                   check=True, cwd=ROOT)
+    subprocess.run([*cli, "build-engine", str(onnx), "--backend", "onnxruntime", "--fp16", "-o", str(fp16)],
+                   check=True, cwd=ROOT)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part-mb", type=float, default=62.0, help="Part size in MB (the carry limit is 64 MiB "
+                        "with the working tree).")
+    parser.add_argument("--calls", action="store_true", help="Only print the calls of the kit already built.")
+    args = parser.parse_args()
+    manifest_path = KIT / "kit.json"
+    if args.calls:
+        print(json.dumps(json.loads(manifest_path.read_text())["calls"], indent=1))
+        return
+    KIT.mkdir(exist_ok=True)
+    (KIT / ".gitignore").write_text("*\n")  # keeps the kit out of git status and of what a call carries
+    onnx, fp16 = KIT / "resnet50-400.onnx", KIT / "resnet50-400-fp16.onnx"
+    commit = model_code_commit()
+    old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if commit == "dirty" or old.get("model_code_commit") != commit or not (onnx.exists() and fp16.exists()):
+        build_onnx(onnx, fp16)
+    site = KIT / "site.tar.xz"
+    if not site.exists():
+        dl = KIT / "dl"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--python-version", MACHINE_PYTHON, "--implementation", "cp",
+                        "--platform", "manylinux_2_28_x86_64", "-d", str(dl), *WHEELS], check=True)
+        print("packing the wheels (xz, a few minutes on 2 cores)", flush=True)
+        pack_site(sorted(dl.glob("*.whl")), site)
+    parts, sha256 = split_bundle([site, onnx, fp16], KIT / "parts", int(args.part_mb * 1e6))
+    rel = [str(p.relative_to(ROOT)) for p in parts]
+    calls = device_calls(rel, sha256, onnx.name, fp16.name)
+    manifest = {"model_code_commit": commit, "bundle_sha256": sha256, "parts": rel,
+                "bytes": {p.name: p.stat().st_size for p in (site, onnx, fp16)}, "calls": calls}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    print(f"{len(parts)} parts under {KIT / 'parts'}; calls:")
+    print(json.dumps(calls, indent=1))
+
+
+if __name__ == "__main__":
+    main()
