@@ -24,11 +24,11 @@ def test_every_conv_is_2d_and_no_custom_ops(exported, backbone):
         assert len(weight.dims) == 4, f"{node.name} has a kernel of rank {len(weight.dims) - 2}"
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     assert not {"Loop", "If", "Scan", "Resize"} & {n.op_type for n in proto.graph.node}
-    # BatchNormalization only as the learner's GroupNorm affine (computed scale and shift, one per GroupNorm);
-    # the backbone's BatchNorms are folded into its convs (constant parameters would show here)
+    # BatchNormalization only as the learner's GroupNorm (its mean and variance the computed group statistics,
+    # one per GroupNorm); the backbone's BatchNorms are folded into its convs (constant statistics would show)
     inits = {i.name for i in proto.graph.initializer}
     norms = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
-    assert len(norms) == 15 and not any(n.input[1] in inits or n.input[2] in inits for n in norms)
+    assert len(norms) == 15 and not any(n.input[3] in inits or n.input[4] in inits for n in norms)
     onnx.checker.check_model(proto, full_check=True)
 
 

@@ -69,7 +69,7 @@ def test_halo_rows_rule():
 @pytest.mark.parametrize("shape,offset", [((2, 16, 5, 4, 3, 3), 0.0), ((1, 8, 6, 6, 2, 2), 3.0),
                                           ((3, 128, 4, 4, 2, 2), 20.0)])
 def test_groupnorm_export_form_matches_torch(shape, offset):
-    """One-pass statistics (E[x], E[x^2]) and the folded scale and shift, also with a mean far from 0."""
+    """One-pass statistics (E[x], E[x^2]) applied by one BatchNormalization, also with a mean far from 0."""
     torch.manual_seed(shape[1])
     gn = GroupNorm6d(4, shape[1], eps=1e-5)
     with torch.no_grad():
@@ -199,12 +199,33 @@ def test_support_major_mixing_matches_the_eager_learner():
     _close(got, want, rel=2e-5)
 
 
-def test_per_row_affine_is_x_times_scale_plus_shift():
-    """The GroupNorm affine as one BatchNormalization (mean 0, variance 1 - eps) equals x * scale + shift."""
-    from hsnet_deploy.model.learner import per_row_affine
-
-    torch.manual_seed(5)
-    x, scale, shift = torch.randn(1, 6, 50) * 30, torch.randn(6), torch.randn(6) * 4
+@pytest.mark.parametrize("n,positions", [(1, 1), (3, 1), (2, 4)])
+def test_normalise_rows_gives_each_row_its_group_statistics_and_channel_affine(n, positions):
+    """The one BatchNormalization of the export form, rows ordered (sample, position, channel), against the
+    GroupNorm formula written out per row in float64; a group of equal values (variance rounding below 0 in
+    E[x^2] - E[x]^2) comes out as its bias, not NaN."""
+    torch.manual_seed(n * 10 + positions)
+    c, groups, s = 8, 4, 30
+    gn = GroupNorm6d(groups, c, eps=1e-5)
     with torch.no_grad():
-        got = per_row_affine(x, scale, shift)
-    _close(got, x * scale[:, None] + shift[:, None], rel=1e-6)
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(n, positions, c, s) * 3 + torch.arange(c).reshape(1, 1, c, 1) * 5.0
+    x[0, :, 2:4] = 7.3  # sample 0, group 1: constant
+    xd = x.double().reshape(n, positions, groups, c // groups, s)
+    mean = xd.mean(dim=(1, 3, 4))  # (N, G)
+    var = xd.var(dim=(1, 3, 4), unbiased=False)
+    norm = (xd - mean[:, None, :, None, None]) / torch.sqrt(var[:, None, :, None, None] + 1e-5)
+    want = (norm.reshape(n, positions, c, s) * gn.weight.double().reshape(1, 1, c, 1)
+            + gn.bias.double().reshape(1, 1, c, 1))
+    with torch.no_grad():
+        stats_mean = x.reshape(n, positions, groups, -1).mean(dim=(1, 3))
+        stats_sq = x.square().reshape(n, positions, groups, -1).mean(dim=(1, 3))
+        got = gn.normalise_rows(x.reshape(1, n * positions * c, s), n, positions, stats_mean, stats_sq)
+    got = got.reshape(n, positions, c, s)
+    assert torch.isfinite(got).all()
+    varying = torch.ones(n, c, dtype=torch.bool)
+    varying[0, 2:4] = False
+    _close(got.permute(0, 2, 1, 3)[varying], want.float().permute(0, 2, 1, 3)[varying], rel=2e-5)
+    # the constant group: x - E[x] is a float rounding (~1 ulp of 7.3) over sqrt(eps): within 1e-3 of the bias
+    assert torch.allclose(got[0, :, 2:4], gn.bias[2:4].reshape(1, 2, 1).expand(positions, 2, s), atol=1e-3)

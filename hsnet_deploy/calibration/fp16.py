@@ -18,8 +18,8 @@ benchmarks/precision.py (balanced seeded resnet50, ONNX Runtime CPU):
   2048 pre-ReLU channels must not be accumulated in FP16 (max 65504). Measured on seeded weights it peaks
   at ~80, so the need could not be shown here; trained layer4 activations are far larger, and ONNX Runtime's
   CPU kernels compute in FP32 anyway, so only a GPU run with trained weights can tell.
-- `groupnorm`: the learner's two-stage GroupNorm statistics and the per-(N, C) scale and shift computed
-  from them; the BatchNormalization that applies them to the large tensor runs in FP16. Also a precaution
+- `groupnorm`: the learner's two-stage GroupNorm statistics (E[x], E[x^2], the variance); the
+  BatchNormalization that normalises the large tensor with them runs in FP16. Also a precaution
   (variance of ~1.7M values per group at 400x400); seeded weights peak at centred squares ~37.
 On the seeded model, FP16 with none of the groups kept scored the same mean mask agreement (0.9976 at
 128x128) as with all of them: the groups are kept for exactness (mask) and for trained weights' ranges.
@@ -88,42 +88,54 @@ def l2norm_nodes(proto: onnx.ModelProto) -> list[str]:
     return _without_factor_products(index, names)
 
 
+STATISTICS_OPS = ("ReduceMean", "ReduceL2", "Pow", "Sub", "Mul", "Div", "Max", "Reshape", "Expand")
+
+
 def groupnorm_nodes(proto: onnx.ModelProto) -> list[str]:
-    """The two-stage GroupNorms of the learner, found by structure (the export's node names and scopes do
-    not survive onnxslim): from each learner Sqrt, up through the statistics to the grouping Reshapes, and
-    down through the normalisation and the affine to the GroupNorm's output (the Add before the ReLU).
-    Both export forms: centred (Sub, Div) and one-pass (E[x^2] - E[x]^2, a folded scale and shift)."""
+    """The two-stage GroupNorms' statistics, found by structure (the export's node names and scopes do not
+    survive onnxslim). Current exports: from the mean and variance inputs of each learner
+    BatchNormalization up through the small statistics ops and the two reductions to the grouping Reshape
+    of the block output (the walk stops at that tensor's producer, the branch Add); the BatchNormalization
+    itself, which reads and writes the large tensor, runs in FP16. Older exports (a scale and shift computed
+    from the statistics, or a centred form): from each learner Sqrt up through the statistics and down
+    through the small ops that turn them into the scale and shift."""
     from hsnet_deploy.calibration.graph import node_stages
 
     stages = node_stages(proto)
     index = GraphIndex.of(proto)
     producer = index.producer
-    names: list[str] = []
-    for sqrt in proto.graph.node:
-        if sqrt.op_type != "Sqrt" or stages.get(sqrt.name) != "learner":
-            continue
-        stack, seen = [sqrt], set()
-        while stack:  # statistics: everything between the grouping Reshape(s) and the Sqrt
+    seen: set[str] = set()
+
+    def walk_up(start: list[onnx.NodeProto], ops: tuple[str, ...], through_reshapes: bool) -> None:
+        stack = list(start)
+        while stack:
             node = stack.pop()
             if node.name in seen:
                 continue
             seen.add(node.name)
-            if node.op_type == "Reshape":
+            if node.op_type == "Reshape" and not through_reshapes:
                 continue
-            stack.extend(p for i in node.input if (p := producer.get(i)) is not None
-                         and p.op_type in ("ReduceMean", "ReduceL2", "Pow", "Sub", "Mul", "Add", "Div", "Max",
-                                           "Reshape"))
-        down = [sqrt]  # normalisation and affine, stopping at the ReLU
-        while down:
-            node = down.pop()
-            for c in index.readers(node.output[0]):
-                # not into the BatchNormalization that applies scale and shift to the large tensor: it runs
-                # in FP16 with the FP32 statistics' scale and shift cast down (small)
-                if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape", "Expand"):
-                    seen.add(c.name)
-                    down.append(c)
-        names.extend(n.name for n in proto.graph.node if n.name in seen)
-    return names
+            data = node.input[:1] if node.op_type in ("Reshape", "Expand") else node.input  # not their shapes
+            stack.extend(p for i in data if (p := producer.get(i)) is not None and p.op_type in ops)
+
+    for node in proto.graph.node:
+        if stages.get(node.name) != "learner":
+            continue
+        if node.op_type == "BatchNormalization":
+            walk_up([p for i in node.input[3:5] if (p := producer.get(i)) is not None and p.op_type in
+                     STATISTICS_OPS], STATISTICS_OPS, through_reshapes=True)
+        elif node.op_type == "Sqrt":
+            walk_up([node], ("ReduceMean", "ReduceL2", "Pow", "Sub", "Mul", "Add", "Div", "Max", "Reshape"),
+                    through_reshapes=False)
+            down = [node]  # to the scale and shift (not into the BatchNormalization that applies them)
+            while down:
+                current = down.pop()
+                for c in index.readers(current.output[0]):
+                    if c.name not in seen and c.op_type in ("Reciprocal", "Div", "Mul", "Sub", "Add", "Reshape",
+                                                            "Expand"):
+                        seen.add(c.name)
+                        down.append(c)
+    return [n.name for n in proto.graph.node if n.name in seen]
 
 
 def vote_nodes(proto: onnx.ModelProto) -> list[str]:

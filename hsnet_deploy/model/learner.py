@@ -24,9 +24,9 @@ class GroupNorm6d(nn.GroupNorm):
     Each group pools ~1.7M values at 400x400; ONNX Runtime's single-stage reductions lose ~6e-4
     relative there. Reducing over the support dims first and then over the rest keeps FP32 exact to
     ~3e-7. Eager mode keeps nn.GroupNorm (the authors' numerics); export switches `two_stage` on.
-    The export form reads the tensor twice for E[x] and E[x^2] (no centred copy is written) and folds
-    the normalisation and the affine into one per-(N, C) scale and shift, applied by one
-    BatchNormalization node (`per_row_affine`).
+    The export form reads the tensor twice for E[x] and E[x^2] (no centred copy is written); one
+    BatchNormalization node then normalises and applies the affine in one pass, taking the group
+    statistics as its mean and variance (`normalise_rows`), so no small ops compute a scale and a shift.
     """
 
     two_stage = False
@@ -45,46 +45,40 @@ class GroupNorm6d(nn.GroupNorm):
         mean = g.mean(dim=3).mean(dim=2)  # (N, G)
         # ReduceL2 reads the tensor once; its square is the row's sum of squares.
         mean_sq = torch.linalg.vector_norm(g, dim=3).square().mean(dim=2) / inner
-        scale, shift = self.scale_shift(n, mean, mean_sq)
         inner_all = int(spatial[0]) * int(spatial[1]) * inner
-        return per_row_affine(x.reshape(1, n * c, inner_all), scale.reshape(n * c), shift.reshape(n * c)).reshape(x.shape)
-
-    def scale_shift(self, n, mean: torch.Tensor, mean_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, G) statistics E[x], E[x^2] -> per-(N, G, C/G) scale and shift: the normalisation and the affine
-        in one multiply-add (both export forms; the layouts differ only in how they reduce)."""
-        groups, per_group = self.num_groups, self.num_channels // self.num_groups
-        inv_std = torch.rsqrt((mean_sq - mean * mean).clamp(min=0) + self.eps)
-        scale = self.weight.reshape(1, groups, per_group) * inv_std.reshape(n, groups, 1)
-        shift = self.bias.reshape(1, groups, per_group) - scale * mean.reshape(n, groups, 1)
-        return scale, shift
+        return self.normalise_rows(x.reshape(1, n * c, inner_all), n, 1, mean, mean_sq).reshape(x.shape)
 
     def forward_support_major(self, x: torch.Tensor) -> torch.Tensor:
         """The export form on the support-major layout (N, Hs, Ws, C, Hq, Wq): the same statistics per
-        (sample, group), reduced over the query dims first, then channels, then support positions."""
+        (sample, group), reduced over the query dims first, then over channels and support positions."""
         n, hs, ws, c, hq, wq = x.shape
         groups = self.num_groups
         inner = int(hq) * int(wq)
         g = x.reshape(n, hs * ws, groups, c // groups, inner)
-        mean = g.mean(dim=4).mean(dim=3).mean(dim=1)  # (N, G)
-        mean_sq = torch.linalg.vector_norm(g, dim=4).square().mean(dim=3).mean(dim=1) / inner
-        scale, shift = self.scale_shift(n, mean, mean_sq)
-        rows = n * hs * ws * c
-        scale = scale.reshape(n, 1, c).expand(n, hs * ws, c).reshape(rows)
-        shift = shift.reshape(n, 1, c).expand(n, hs * ws, c).reshape(rows)
-        return per_row_affine(x.reshape(1, rows, inner), scale, shift).reshape(x.shape)
+        mean = g.mean(dim=4).mean(dim=(1, 3))  # (N, G)
+        mean_sq = torch.linalg.vector_norm(g, dim=4).square().mean(dim=(1, 3)) / inner
+        return self.normalise_rows(x.reshape(1, n * hs * ws * c, inner), n, hs * ws, mean, mean_sq).reshape(x.shape)
 
+    def normalise_rows(self, rows: torch.Tensor, n, positions: int, mean: torch.Tensor,
+                       mean_sq: torch.Tensor) -> torch.Tensor:
+        """GroupNorm of `rows` (1, N*P*C, S), rows ordered (sample, position, channel), from the (N, G)
+        statistics E[x] and E[x^2]: one BatchNormalization whose mean and variance are each row's group
+        statistics and whose scale and bias are each row's channel affine. Its epsilon is GroupNorm's
+        (1e-5, which is also cuDNN's smallest: no runtime clamps it)."""
+        groups, c = self.num_groups, self.num_channels
+        per_group = c // groups
+        count = n * positions * c
+        var = (mean_sq - mean * mean).clamp(min=0)  # E[x^2] - E[x]^2 may round below 0 when std << |mean|
 
-AFFINE_EPS = 1e-5  # BatchNormalization's epsilon; the variance input is 1 - AFFINE_EPS, so the divisor is 1
+        def per_row(stat: torch.Tensor) -> torch.Tensor:
+            return stat.reshape(n, 1, groups, 1).expand(n, positions, groups, per_group).reshape(count)
 
+        def per_channel(param: torch.Tensor) -> torch.Tensor:
+            return param.reshape(1, 1, c).expand(n, positions, c).reshape(count)
 
-def per_row_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x * scale + shift for x (1, R, S) with one scale and shift per row: exported as a single
-    BatchNormalization node (mean 0, variance 1 - eps, so (x - 0) / sqrt(1) * scale + shift), one pass
-    over the tensor instead of a Mul and an Add. eps stays at cuDNN's minimum, which some runtimes
-    clamp to; the divisor sqrt((1 - eps) + eps) is 1 to within one float32 rounding."""
-    mean = torch.zeros_like(scale)
-    var = torch.full_like(scale, 1.0 - AFFINE_EPS)
-    return F.batch_norm(x, mean, var, scale, shift, False, 0.0, AFFINE_EPS)
+        # The running-statistics slots take no gradient; the export form is inference-only.
+        return F.batch_norm(rows, per_row(mean).detach(), per_row(var).detach(), per_channel(self.weight),
+                            per_channel(self.bias), False, 0.0, self.eps)
 
 
 def building_block(in_channels: int, spec: tuple[tuple[int, int, int], ...]) -> nn.Sequential:
