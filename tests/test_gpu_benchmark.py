@@ -48,6 +48,7 @@ def test_ep_sweep_changes_one_option_at_a_time_from_the_defaults():
     sweep = ep_sweep()
     assert {"prefer_nhwc": "1"} in sweep and {"use_tf32": "1"} in sweep
     assert {"cudnn_conv_algo_search": "HEURISTIC"} in sweep and {"cudnn_conv_use_max_workspace": "0"} in sweep
+    assert {"fuse_conv_bias": "1"} in sweep
     assert all(len(o) == 1 and CUDA_EP_DEFAULTS[k] != v for o in sweep for k, v in o.items())
 
 

@@ -37,12 +37,15 @@ CUDA_EP_CHOICES: dict[str, tuple[str, ...]] = {
     "cudnn_conv_algo_search": ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
     "use_tf32": ("0", "1"),
     "cudnn_conv_use_max_workspace": ("0", "1"),
+    # cuDNN 9's frontend fusing each Conv's bias into the conv (ORT otherwise adds it in a second kernel)
+    "fuse_conv_bias": ("0", "1"),
 }
 CUDA_EP_DEFAULTS: dict[str, str] = {
     "prefer_nhwc": "0",
     "cudnn_conv_algo_search": "EXHAUSTIVE",
     "use_tf32": "0",
     "cudnn_conv_use_max_workspace": "1",
+    "fuse_conv_bias": "0",
 }
 
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
