@@ -2,7 +2,7 @@
 
 The lent machine has no registry and each call carries at most 64 MiB, so onnxruntime-gpu and the ONNX files
 travel as numbered parts, one per call; the torch half of `benchmarks/gpu.py` starts in the first call and runs
-while the other parts travel. Everything goes under .gpu/ (git-ignored):
+while the other parts travel; the call with the last part runs the ONNX Runtime half, one more call `bench`. Everything goes under .gpu/ (git-ignored):
 
     .gpu/resnet50-400.onnx, .gpu/resnet50-400-fp16.onnx   the FP32 export and its gated FP16 variant (seed 0)
     .gpu/site.tar.xz     the package folders of onnxruntime-gpu and onnxslim for the machine's Python
@@ -87,8 +87,9 @@ def split_bundle(files: list[Path], parts_dir: Path, part_bytes: int) -> tuple[l
 
 def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[dict]:
     """The `run` calls in order: each copies its part to /tmp/parts; the first starts the torch half in the
-    background; the last checks and unpacks the bundle, waits for the torch half, runs the ONNX Runtime half
-    and the product's own `bench` (the headline figures), and leaves everything in $OUT."""
+    background; the one with the last part checks and unpacks the bundle, waits for the torch half and runs
+    the ONNX Runtime half; a final call runs the product's own `bench` at B = 1 and 8 (the headline figures).
+    Everything lands in $OUT; no call needs more than its own limit if an earlier one ran long."""
     keep = "mkdir -p /tmp/parts; cp {p} /tmp/parts/"
     calls = []
     for i, part in enumerate(parts):
@@ -101,23 +102,22 @@ def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[di
             cmd += "; ls -l /tmp/parts; tail -n 2 /tmp/gpu-torch.log"
         calls.append({"carry": [part], "command": cmd, "timeout_s": 120})
     stage = "/tmp/stage"
-    last = (
+    calls[-1]["command"] += (
         f"; mkdir -p {stage} /tmp/site; cat /tmp/parts/part* > /tmp/bundle.tar"
         f"; sha256sum /tmp/bundle.tar | grep -q {sha256} && echo 'bundle sha256 ok' || echo 'BUNDLE SHA256 MISMATCH'"
         f"; tar -xf /tmp/bundle.tar -C {stage}"
         f"; python3 -c \"import tarfile; tarfile.open('{stage}/site.tar.xz').extractall('/tmp/site')\""
         "; while kill -0 $(cat /tmp/torch.pid) 2> /dev/null; do sleep 3; done"  # the torch half, started in call 1
         "; cp /tmp/gpu-out/gpu-torch.* /tmp/gpu-torch.log $OUT/"
-        "; export PYTHONPATH=/tmp/site:$PWD"
-        f"; python3 benchmarks/gpu.py --part ort --out $OUT --onnx {stage}/{onnx} --fp16-onnx {stage}/{fp16}"
-        " --budget-s 200"
-        # SIGINT: bench prints and writes what it measured so far
-        f"; for b in 1 8; do timeout -s INT 110 python3 -m hsnet_deploy bench {stage}/{onnx} {stage}/{fp16}"
-        " --device cuda --cuda-graph --no-stages -b $b -n 30 --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1"
-        "; done"
+        f"; PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu.py --part ort --out $OUT --onnx {stage}/{onnx}"
+        f" --fp16-onnx {stage}/{fp16} --budget-s 240"
     )
-    calls[-1]["command"] += last
     calls[-1]["timeout_s"] = 590
+    calls.append({"carry": [], "timeout_s": 300, "command": (
+        # SIGINT: bench prints and writes what it measured so far
+        f"for b in 1 8; do PYTHONPATH=/tmp/site:$PWD timeout -s INT 140 python3 -m hsnet_deploy bench"
+        f" {stage}/{onnx} {stage}/{fp16} --device cuda --cuda-graph --no-stages -b $b -n 30"
+        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; cat $OUT/bench-b*.txt")})
     return calls
 
 

@@ -99,11 +99,12 @@ def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
     kit = _kit()
     parts = [f".gpu/parts/part{i:02d}" for i in range(6)]
     calls = kit.device_calls(parts, "f" * 64, "a.onnx", "a-fp16.onnx")
-    assert [c["carry"] for c in calls] == [[p] for p in parts]
+    assert [c["carry"] for c in calls] == [[p] for p in parts] + [[]]
     assert all(len(c["command"]) <= 2000 and c["timeout_s"] <= 600 for c in calls)
     assert "--part torch" in calls[0]["command"] and "/tmp/torch.pid" in calls[0]["command"]
-    last = calls[-1]["command"]
+    last_part = calls[-2]["command"]
     # waits on the torch half by its pid (a pattern match would also match this very shell's command line)
-    assert "kill -0 $(cat /tmp/torch.pid)" in last and "pgrep" not in last
-    assert "f" * 64 in last and "--part ort" in last and "hsnet_deploy bench" in last
-    assert last.index("--part ort") > last.index("kill -0") and last.index("hsnet_deploy bench") > last.index("--part ort")
+    assert "kill -0 $(cat /tmp/torch.pid)" in last_part and "pgrep" not in last_part
+    assert "f" * 64 in last_part and last_part.index("--part ort") > last_part.index("kill -0")
+    assert "hsnet_deploy bench" in calls[-1]["command"] and "--cuda-graph" in calls[-1]["command"]
+    assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-1])
