@@ -46,6 +46,24 @@ def test_onnx_runtime_equals_pytorch_for_dynamic_b_and_k(exported, backbone, b, 
     assert (got["mask"] == ref_mask.numpy()).mean() >= 0.999
 
 
+def test_each_groupnorm_is_two_reductions_a_few_small_ops_and_one_batchnorm(exported):
+    """On a GPU every node is a kernel: a GroupNorm is two reductions over its grouped input, at most 9 small
+    ops on (N, G) statistics (second-stage means, E[x^2] - E[x]^2 clamped, the per-row Expands) and the one
+    BatchNormalization that normalises; no small ops turn the statistics into a scale and a shift."""
+    from hsnet_deploy.calibration.fp16 import groupnorm_nodes
+
+    path, _report, _ = exported("resnet50")
+    proto = onnx.load(str(path))
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    names = set(groupnorm_nodes(proto))
+    statistics = [n for n in proto.graph.node if n.name in names and n.op_type != "Reshape"]
+    first_stage = [n for n in statistics if n.op_type in ("ReduceMean", "ReduceL2")
+                   and producer[n.input[0]].op_type == "Reshape"]
+    assert len(first_stage) == 30  # E[x] and the squared norms, each reading a GroupNorm's grouped input once
+    assert len(statistics) - len(first_stage) <= 15 * 9
+    assert not {"Sqrt", "Reciprocal"} & {n.op_type for n in statistics}
+
+
 def test_verification_compares_the_pyramid_not_only_logits(exported):
     _, report, _ = exported("resnet50")
     assert report.passed
