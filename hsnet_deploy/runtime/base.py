@@ -74,6 +74,11 @@ class Runner(ABC):
         self.inference_times: list[float] = []
         self.active = False
 
+    @property
+    def meta(self) -> dict:
+        """The artifact's own metadata (empty for an in-memory model)."""
+        return self.info.metadata
+
     def __enter__(self):
         self.activate()
         return self

@@ -55,17 +55,13 @@ class OrtRunner(Runner):
         self.ep_options = dict(ep_options or {})
         if cuda_graph:
             check_cuda_graph_request(device, available_providers(), model_path)
-        cuda_provider_options(self.ep_options)  # refuses a bad option now, not at activate
+        cuda_options = cuda_provider_options(self.ep_options)  # refuses a bad option now, not at activate
         self.session = None
         self.fixed_io: FixedIoBinding | None = None
         self.info = RunnerInfo.from_metadata("onnxruntime", device, meta, model_path,
                                              {"backbone": meta.get("backbone"), "threads": threads})
         if device == "cuda":
-            self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_provider_options(self.ep_options)})
-
-    @property
-    def meta(self) -> dict:
-        return self.info.metadata
+            self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_options})
 
     def _providers(self) -> list:
         have = available_providers()

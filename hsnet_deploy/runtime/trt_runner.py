@@ -288,10 +288,6 @@ class TensorRTRunner(Runner):
             default_precision="unknown")
         self._reset()
 
-    @property
-    def meta(self) -> dict:
-        return self.info.metadata
-
     def _reset(self) -> None:
         self._trt: ModuleType | None = None
         self._logger = None
