@@ -103,8 +103,11 @@ def write_json(path: str | None, obj: object, what: str = "") -> None:
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .onnx file to write (atomically).")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
               help="Fold BatchNorm and cancel transposes with onnxslim (before verification).")
+@click.option("--layout", default="all", show_default=True, metavar="all|none|SWITCH,...",
+              help="Copy-saving layouts to use: all, none, or a comma list of dilated_query_conv, halo, "
+                   "support_major_mixing. Each computes the same sums; which is fastest depends on the runtime.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the export report as JSON.")
-def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_path):
+def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout, json_path):
     """Export HSNet to ONNX, every center-pivot 4D conv as reshaped 2D convs, and verify it.
 
     The written model is checked against eager PyTorch in ONNX Runtime on random episodes (B = 1, 2;
@@ -119,9 +122,15 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
     from hsnet_deploy.model import check_image_size
     from hsnet_deploy.preflight import export as check_export
 
+    from hsnet_deploy.model import ExportLayout
+
     quiet_exporters()
     check_output_path(output)
     check_export(output, json_path, checkpoint)
+    try:
+        export_layout = ExportLayout.parse(layout)
+    except ValueError as exc:
+        raise UserError(f"--layout {layout!r}: {exc}") from None
     if backbone:
         check_image_size(backbone, img_size, img_size)
     model, source = load_model(backbone, checkpoint, seed)
@@ -131,7 +140,8 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, json_p
     def step(message: str) -> None:
         err.print(f"[bold]\\[{next(steps)}/4][/] {message}  [dim]({time.perf_counter() - started:.0f}s)[/]")
 
-    report = export_onnx(model, output, img_size, opset or DEFAULT_OPSET, source, simplify=simplify, step=step)
+    report = export_onnx(model, output, img_size, opset or DEFAULT_OPSET, source, simplify=simplify, step=step,
+                         layout=export_layout)
     rows = []
     for c in report.checks:
         for e in c.errors:

@@ -41,7 +41,7 @@ from hsnet_deploy.artifacts import (
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.export.stages import label_stages
 from hsnet_deploy.export.verify import FP32_REL_TOL, PYRAMID_NAMES, EpisodeCheck, verify_onnx
-from hsnet_deploy.model import HSNet, check_image_size, kshot_vote
+from hsnet_deploy.model import ExportLayout, HSNet, check_image_size, kshot_vote
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the dynamo exporter's floor
@@ -166,6 +166,7 @@ def export_onnx(
     tolerance: float = FP32_REL_TOL,
     simplify: bool = True,
     step: Callable[[str], None] = lambda _msg: None,
+    layout: ExportLayout | None = None,
 ) -> ExportReport:
     """Export, check, verify against eager PyTorch, then write `out_path` atomically with its metadata.
 
@@ -179,7 +180,8 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: the exporter needs opset {MIN_OPSET} or newer")
     report = ExportReport(str(out), model.backbone_name, img_size, opset, tolerance=tolerance)
-    export_model = copy.deepcopy(model).eval().prepare_export(img_size, img_size)
+    layout = layout or ExportLayout()
+    export_model = copy.deepcopy(model).eval().prepare_export(img_size, img_size, layout)
 
     with tempfile.TemporaryDirectory(prefix="hsnet-export-") as tmp:
         traced = Path(tmp) / "verify.onnx"
@@ -214,6 +216,7 @@ def export_onnx(
             "precision": "fp32",
             "opset": opset,
             "simplified": "onnxslim" if simplify else "no",
+            "layout": layout.label(),
             "mask_support": model.mask_support,
             "versions": tool_versions(),
             "preprocessing": PREPROCESSING,

@@ -3,11 +3,13 @@
 from hsnet_deploy.model.backbones import BACKBONES, feature_sizes
 from hsnet_deploy.model.center_pivot import CenterPivotConv4d
 from hsnet_deploy.model.checkpoint import load_checkpoint, save_checkpoint, seeded_model
+from hsnet_deploy.model.layout import ExportLayout
 from hsnet_deploy.model.hsnet import HSNet, check_image_size, kshot_vote, mask_at_size, valid_image_sizes
 
 __all__ = [
     "BACKBONES",
     "CenterPivotConv4d",
+    "ExportLayout",
     "HSNet",
     "check_image_size",
     "feature_sizes",

@@ -54,6 +54,7 @@ class CenterPivotConv4d(nn.Module):
     """
 
     export_layout = False
+    dilated_query = True  # export: conv1 dilated over the 6D tensor as it lies (ExportLayout.dilated_query_conv)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, support_stride: int):
         super().__init__()
@@ -85,8 +86,12 @@ class CenterPivotConv4d(nn.Module):
         return q + sup
 
     def query_conv(self, pruned: torch.Tensor) -> torch.Tensor:
-        """conv1 on (N, C, Hq, Wq, Hs', Ws') in place: a Conv2d over (Hq, Wq*S) dilated by S = Hs'*Ws'."""
+        """conv1 on (N, C, Hq, Wq, Hs', Ws') in place: a Conv2d over (Hq, Wq*S) dilated by S = Hs'*Ws'.
+        With `dilated_query` off, the authors' form: support positions to the batch, conv1, back."""
         n, c, hq, wq, hs, ws = pruned.shape
+        if not self.dilated_query:
+            y = self.conv1(pruned.permute(0, 4, 5, 1, 2, 3).reshape(n * hs * ws, c, hq, wq))
+            return y.reshape(n, hs, ws, self.conv1.out_channels, hq, wq).permute(0, 3, 4, 5, 1, 2)
         s = int(hs) * int(ws)
         pad = self.conv1.padding[0]
         y = F.conv2d(pruned.reshape(n, c, hq, wq * s), self.conv1.weight, self.conv1.bias,

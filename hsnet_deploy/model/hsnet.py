@@ -15,6 +15,7 @@ from hsnet_deploy.model.correlation import (
     hypercorrelation_for_export,
     mask_support_features,
 )
+from hsnet_deploy.model.layout import ExportLayout
 from hsnet_deploy.model.learner import GroupNorm6d, HPNLearner
 from hsnet_deploy.model.resize import Resizer
 
@@ -69,31 +70,36 @@ class HSNet(nn.Module):
         self.mask_resize = Resizer()  # support masks to each feature size (the exactness-critical one)
         self.output_resize = Resizer()  # learner logits to the input size
         self.export_layout = False
+        self.layout = ExportLayout()
         self.eval()
 
-    def prepare_export(self, height: int, width: int) -> HSNet:
+    def prepare_export(self, height: int, width: int, layout: ExportLayout | None = None) -> HSNet:
         """Switch to the export-exact numerics for one fixed input size (see resize.py, learner.py).
 
         Every bilinear resize becomes a MatMul with constant matrices read off PyTorch's kernel, and
         GroupNorm reduces in two stages, and the correlation and center-pivot convs switch to layouts
         that need fewer copies (center_pivot.py, correlation.py). The eager model is unchanged until
-        this is called.
+        this is called. `layout` switches single layouts off (ExportLayout); all are on by default.
         """
+        layout = layout or ExportLayout()
         check_image_size(self.backbone_name, height, width)
         fh, fw = feature_sizes(self.backbone_name, height), feature_sizes(self.backbone_name, width)
         self.mask_resize.prepare({(height, s) for s in fh} | {(width, s) for s in fw})
         learner_pairs = {(fh[2], fh[1]), (fh[1], fh[0]), (fw[2], fw[1]), (fw[1], fw[0]),
                          (fh[0], 2 * fh[0]), (fw[0], 2 * fw[0])}
         self.hpn_learner.resize.prepare(learner_pairs)
-        self.hpn_learner.prepare_support_major(squeezed_support_side(self.backbone_name, height)[0],
-                                               squeezed_support_side(self.backbone_name, width)[0])
+        if layout.support_major_mixing:
+            self.hpn_learner.prepare_support_major(squeezed_support_side(self.backbone_name, height)[0],
+                                                   squeezed_support_side(self.backbone_name, width)[0])
         self.output_resize.prepare({(2 * fh[0], height), (2 * fw[0], width)})
         for module in self.modules():
             if isinstance(module, GroupNorm6d):
                 module.two_stage = True
             if isinstance(module, CenterPivotConv4d):
                 module.export_layout = True
+                module.dilated_query = layout.dilated_query_conv
         self.export_layout = True
+        self.layout = layout
         return self
 
     def support_logits(
@@ -121,7 +127,7 @@ class HSNet(nn.Module):
             mark("backbone")
             masks = support_masks.reshape(b * k, h, w) if self.mask_support else None
             stages = hypercorrelation_for_export(feats, b, k, masks, self.mask_resize, self.backbone.stage_sizes,
-                                                 self.hpn_learner.first_blocks())
+                                                 self.hpn_learner.first_blocks(), halo=self.layout.halo)
             pyramid = [p.plain if isinstance(p, HaloInput) else p for p in stages]
         else:
             # split, not f[:b] / f[b:]: with B and K dynamic, torch.export (2.11) gives a slice an unbacked
