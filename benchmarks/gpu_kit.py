@@ -95,7 +95,8 @@ def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[di
     for i, part in enumerate(parts):
         cmd = keep.format(p=part)
         if i == 0:
-            cmd += ("; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; setsid nohup python3 "
+            # PYTHONPATH: `python3 benchmarks/gpu.py` puts benchmarks/ on the path, not the project root
+            cmd += ("; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; PYTHONPATH=$PWD setsid nohup python3 "
                     "benchmarks/gpu.py --part torch --out /tmp/gpu-out > /tmp/gpu-torch.log 2>&1 < /dev/null &"
                     " echo $! > /tmp/torch.pid; sleep 1; ls -l /tmp/parts")
         elif i < len(parts) - 1:

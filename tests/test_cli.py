@@ -66,12 +66,32 @@ def test_export_command_writes_a_verified_model(tmp_path):
     target = tmp_path / "m.onnx"
     report = tmp_path / "report.json"
     code, out, err = run_cli("export", "--backbone", "resnet50", "--img-size", str(EXPORT_SIZE), "-o", str(target),
-                             "--json", str(report))
+                             "--json", str(report), "--layout", "none")
     assert code == 0, err
     assert "SEEDED RANDOM" in err and "Wrote" in out and "corr_c2" in out
     data = json.loads(report.read_text())
     assert data["passed"] and data["op_counts"]["Conv"] == 53 + 30 + 4
     assert target.stat().st_size == data["file_bytes"]
+    # --layout none: recorded in the metadata, and conv1 runs as the authors' plain conv (no dilation)
+    from hsnet_deploy.artifacts import props_to_meta
+
+    proto = onnx.load(str(target))
+    assert props_to_meta({p.key: p.value for p in proto.metadata_props})["layout"] == "none"
+    dilations = [a.ints for n in proto.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "dilations"]
+    assert all(set(d) == {1} for d in dilations)
+
+
+def test_default_export_records_its_layout_and_runs_conv1_dilated(exported):
+    from hsnet_deploy.artifacts import props_to_meta
+
+    path, _, _ = exported("resnet50")
+    proto = onnx.load(str(path))
+    assert props_to_meta({p.key: p.value for p in proto.metadata_props})["layout"] == "all"
+    dilated = [n for n in proto.graph.node if n.op_type == "Conv"
+               and any(a.name == "dilations" and set(a.ints) != {1} for a in n.attribute)]
+    # conv1 dilated by the support grid's size wherever that grid is larger than 1 x 1 after pruning (at 64 px
+    # one squeeze conv; the mixing blocks run support-major, where conv1 is a plain batched conv)
+    assert dilated
 
 
 def test_build_engine_onnxruntime(exported, tmp_path):

@@ -64,6 +64,22 @@ def test_each_groupnorm_is_two_reductions_a_few_small_ops_and_one_batchnorm(expo
     assert not {"Sqrt", "Reciprocal"} & {n.op_type for n in statistics}
 
 
+def test_the_mask_vote_takes_its_image_maximum_one_axis_at_a_time(exported):
+    """ONNX Runtime's CUDA ReduceMax (cuDNN) spent 9.5 ms of a 72 ms B = 8 episode on one (B, H*W) -> (B)
+    maximum on an H200; per row and then over the rows it is two short reductions."""
+    path, _report, _ = exported("resnet50")
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+              for v in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    maxima = [n for n in proto.graph.node if n.op_type == "ReduceMax"]
+    assert len(maxima) == 2
+    for node in maxima:
+        axes = inits[node.input[1]].reshape(-1).tolist() if len(node.input) > 1 else None
+        assert axes is not None and len(axes) == 1
+        assert shapes[node.input[0]][axes[0]] in (EXPORT_SIZE, None)  # one image axis, not H*W
+
+
 def test_verification_compares_the_pyramid_not_only_logits(exported):
     _, report, _ = exported("resnet50")
     assert report.passed

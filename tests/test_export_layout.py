@@ -127,24 +127,40 @@ def test_export_correlation_writes_the_same_pyramid(shots, masked):
         assert (halo[..., want.shape[-2]:, :] == 0).all()
 
 
-def test_model_in_export_layout_matches_eager_at_a_halo_size():
-    """At 200x200 resnet50's C2 (25x25, 512 channels) takes the halo layout; logits and pyramid stay put."""
+@pytest.mark.parametrize("layout", ["all", "halo,support_major_mixing", "none"])
+def test_model_in_export_layout_matches_eager_at_a_halo_size(layout):
+    """At 200x200 resnet50's C2 (25x25, 512 channels) takes the halo layout; logits and pyramid stay put
+    with every layout switch on, with the dilated conv1 off, and with all of them off (`--layout`)."""
     import copy
 
     from conftest import random_episode
 
-    from hsnet_deploy.model import seeded_model
+    from hsnet_deploy.model import ExportLayout, seeded_model
 
     model = seeded_model("resnet50")
     q, s, m = random_episode(2, 2, 200, seed=3)
-    exported = copy.deepcopy(model).prepare_export(200, 200)
-    seen = []
+    chosen = ExportLayout.parse(layout)
+    exported = copy.deepcopy(model).prepare_export(200, 200, chosen)
+    seen, dilated = [], []
     real = exported.hpn_learner.squeeze
     exported.hpn_learner.squeeze = lambda block, x: seen.append(isinstance(x, HaloInput)) or real(block, x)
+    real_conv2d = F.conv2d
+
+    def spy(*args, **kwargs):
+        dilated.append(kwargs.get("dilation", 1) != 1)
+        return real_conv2d(*args, **kwargs)
+
     with torch.no_grad():
         want, want_pyramid = model.support_logits(q, s, m)
-        got, got_pyramid = exported.support_logits(q, s, m)
-    assert seen == [False, False, True]  # C4, C3 plain (too few query positions to pay), C2 halo
+        F.conv2d = spy
+        try:
+            got, got_pyramid = exported.support_logits(q, s, m)
+        finally:
+            F.conv2d = real_conv2d
+    # C4, C3 plain (too few query positions to pay), C2 halo, when the halo is on
+    assert seen == [False, False, chosen.halo]
+    assert any(dilated) == chosen.dilated_query_conv
+    assert exported.hpn_learner.support_major == chosen.support_major_mixing
     _close(got, want, rel=1e-5)
     for g, w in zip(got_pyramid, want_pyramid):
         _close(g, w, rel=1e-5)
@@ -229,3 +245,16 @@ def test_normalise_rows_gives_each_row_its_group_statistics_and_channel_affine(n
     _close(got.permute(0, 2, 1, 3)[varying], want.float().permute(0, 2, 1, 3)[varying], rel=2e-5)
     # the constant group: x - E[x] is a float rounding (~1 ulp of 7.3) over sqrt(eps): within 1e-3 of the bias
     assert torch.allclose(got[0, :, 2:4], gn.bias[2:4].reshape(1, 2, 1).expand(positions, 2, s), atol=1e-3)
+
+
+def test_layout_switches_parse_from_the_command_line_form():
+    from hsnet_deploy.model import ExportLayout
+
+    assert ExportLayout.parse("all") == ExportLayout() and ExportLayout().label() == "all"
+    none = ExportLayout.parse("none")
+    assert not (none.halo or none.dilated_query_conv or none.support_major_mixing) and none.label() == "none"
+    some = ExportLayout.parse(" halo , support-major-mixing ")
+    assert some == ExportLayout(dilated_query_conv=False) and some.label() == "halo,support_major_mixing"
+    assert ExportLayout.parse(some.label()) == some
+    with pytest.raises(ValueError, match="unknown layout switch diagonal"):
+        ExportLayout.parse("halo,diagonal")

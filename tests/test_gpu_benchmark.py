@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,9 +47,9 @@ def test_ep_sweep_changes_one_option_at_a_time_from_the_defaults():
     from hsnet_deploy.runtime.ort_cuda import CUDA_EP_DEFAULTS
 
     sweep = ep_sweep()
-    assert {"prefer_nhwc": "1"} in sweep and {"use_tf32": "1"} in sweep
-    assert {"cudnn_conv_algo_search": "HEURISTIC"} in sweep and {"cudnn_conv_use_max_workspace": "0"} in sweep
-    assert {"fuse_conv_bias": "1"} in sweep
+    assert {"prefer_nhwc": "1"} in sweep and {"use_tf32": "0"} in sweep  # use_tf32=0: the strict-FP32 parity row
+    assert {"cudnn_conv_algo_search": "EXHAUSTIVE"} in sweep and {"cudnn_conv_use_max_workspace": "0"} in sweep
+    assert not any("fuse_conv_bias" in o for o in sweep)
     assert all(len(o) == 1 and CUDA_EP_DEFAULTS[k] != v for o in sweep for k, v in o.items())
 
 
@@ -108,3 +109,8 @@ def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
     assert "f" * 64 in last_part and last_part.index("--part ort") > last_part.index("kill -0")
     assert "hsnet_deploy bench" in calls[-1]["command"] and "--cuda-graph" in calls[-1]["command"]
     assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-1])
+    # every Python run finds the project (the first kit's torch half did not: ModuleNotFoundError on the H200)
+    for call in calls:
+        for run in re.findall(r"(\S*)\s+(?:setsid nohup |timeout -s INT \d+ )?python3 (?:benchmarks|-m hsnet_deploy)",
+                              call["command"]):
+            assert run.startswith("PYTHONPATH=") and "$PWD" in run, call["command"]

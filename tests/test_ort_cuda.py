@@ -191,21 +191,26 @@ def test_a_failed_first_capture_is_an_error_and_later_failures_are_not_masked(or
 
 
 def test_ep_options_defaults_overrides_and_refusals(ort):
-    assert cuda_provider_options() == CUDA_EP_DEFAULTS and CUDA_EP_DEFAULTS["use_tf32"] == "0"
-    opts = cuda_provider_options({"prefer_nhwc": "1", "cudnn_conv_algo_search": "heuristic"}, cuda_graph=True)
-    assert opts["prefer_nhwc"] == "1" and opts["cudnn_conv_algo_search"] == "HEURISTIC"
+    # the measured defaults (docs/benchmarks.md "GPU, H200"): HEURISTIC algorithms, TF32 convolutions
+    assert cuda_provider_options() == CUDA_EP_DEFAULTS
+    assert CUDA_EP_DEFAULTS["use_tf32"] == "1" and CUDA_EP_DEFAULTS["cudnn_conv_algo_search"] == "HEURISTIC"
+    opts = cuda_provider_options({"prefer_nhwc": "1", "cudnn_conv_algo_search": "exhaustive", "use_tf32": "0"},
+                                 cuda_graph=True)
+    assert opts["prefer_nhwc"] == "1" and opts["cudnn_conv_algo_search"] == "EXHAUSTIVE"
     assert opts["enable_cuda_graph"] == "1" and opts["use_tf32"] == "0"
     assert parse_ep_options(["use_tf32=1", "cudnn_conv_use_max_workspace=0"]) == {
         "use_tf32": "1", "cudnn_conv_use_max_workspace": "0"}
     for bad, message in [("gpu_mem_limit=1", "KEY one of"), ("prefer_nhwc", "KEY=VALUE"),
-                         ("use_tf32=yes", "use_tf32 takes one of 0, 1")]:
+                         ("use_tf32=yes", "use_tf32 takes one of 0, 1"),
+                         ("fuse_conv_bias=1", "KEY one of")]:  # NaN logits on the H200: not offered
         with pytest.raises(UserError, match=message):
             parse_ep_options([bad])
     with pytest.raises(UserError, match="prefer_nhwc=2"):
         OrtRunner("m.onnx", META, "cuda", ep_options={"prefer_nhwc": "2"})
-    with OrtRunner("m.onnx", META, "cuda", ep_options={"prefer_nhwc": "1"}) as runner:
+    with OrtRunner("m.onnx", META, "cuda", ep_options={"prefer_nhwc": "1", "use_tf32": "0"}) as runner:
         assert FakeSession.last.cuda_options["prefer_nhwc"] == "1"
-        assert FakeSession.last.cuda_options["use_tf32"] == "0"  # FP32 parity keeps TF32 off
+        assert FakeSession.last.cuda_options["use_tf32"] == "0"  # strict FP32 on request
+        assert FakeSession.last.cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"  # the default stays
         assert runner.info.details["cuda_ep"]["prefer_nhwc"] == "1"
 
 
