@@ -114,3 +114,32 @@ def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
         for run in re.findall(r"(\S*)\s+(?:setsid nohup |timeout -s INT \d+ )?python3 (?:benchmarks|-m hsnet_deploy)",
                               call["command"]):
             assert run.startswith("PYTHONPATH=") and "$PWD" in run, call["command"]
+
+
+def test_gpu_layouts_dry_run_times_each_export_and_checks_parity(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_layouts.py"), "--device", "cpu", "--batches", "1",
+         "--iters", "2", "--warmup", "0", "--out", str(tmp_path), str(path)],
+        capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu-layouts.json").read_text())
+    [row] = data["rows"]
+    assert row["layout"] == "all" and row["precision"] == "fp32" and row["B"] == 1
+    assert row["max_rel_logit_err"] < 1e-4 and row["latency_ms"]["p50"] > 0
+    assert "kernels" not in data  # CUPTI kernels only on a GPU
+    assert f"| {path.name} [all, fp32] | 1 |" in (tmp_path / "gpu-layouts.md").read_text()
+
+
+def test_gpu_layouts_sorts_kernels_into_kinds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_layouts import kernel_kind
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert kernel_kind("sm80_xmma_fprop_implicit_gemm_f32f32_f32f32_f32_nchwkcrs_nchw_tilesize256x64x8") == "convolution"
+    assert kernel_kind("void cudnn::cnn::conv2d_grouped_direct_kernel<false, true>") == "convolution"
+    assert kernel_kind("void implicit_convolve_sgemm<__half, __half, 128, 6, 7>") == "convolution"
+    assert kernel_kind("void cutlass::Kernel2<cutlass_80_simt_sgemm_256x128_8x4_nn_align1>") == "gemm"
+    assert kernel_kind("void reduce_tensor_kernel_free<float, 8, 16, 1, 1>") == "other"
