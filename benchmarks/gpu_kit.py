@@ -88,7 +88,8 @@ def split_bundle(files: list[Path], parts_dir: Path, part_bytes: int) -> tuple[l
 def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[dict]:
     """The `run` calls in order: each copies its part to /tmp/parts; the first starts the torch half in the
     background; the one with the last part checks and unpacks the bundle, waits for the torch half and runs
-    the ONNX Runtime half; a final call runs the product's own `bench` at B = 1 and 8 (the headline figures).
+    the ONNX Runtime half; a final call runs the product's own `bench` at B = 1 and 8 (the headline figures)
+    and the GPU kernels of both files at B = 1 (`gpu_layouts.py`).
     Everything lands in $OUT; no call needs more than its own limit if an earlier one ran long."""
     keep = "mkdir -p /tmp/parts; cp {p} /tmp/parts/"
     calls = []
@@ -114,11 +115,14 @@ def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[di
         f" --fp16-onnx {stage}/{fp16} --budget-s 240"
     )
     calls[-1]["timeout_s"] = 590
-    calls.append({"carry": [], "timeout_s": 300, "command": (
+    calls.append({"carry": [], "timeout_s": 420, "command": (
         # SIGINT: bench prints and writes what it measured so far
         f"for b in 1 8; do PYTHONPATH=/tmp/site:$PWD timeout -s INT 140 python3 -m hsnet_deploy bench"
         f" {stage}/{onnx} {stage}/{fp16} --device cuda --cuda-graph --no-stages -b $b -n 30"
-        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; cat $OUT/bench-b*.txt")})
+        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; grep -hv 'Fallback\\|━' $OUT/bench-b*.txt"
+        # then the GPU kernels at B = 1 (the last B listed), where the time is not in the bytes (docs, run 4)
+        f"; PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/gpu_layouts.py --out $OUT --batches 8 1"
+        f" --iters 20 {stage}/{onnx} {stage}/{fp16} 2>&1 | grep -v Fallback | tail -n 60")})
     return calls
 
 

@@ -108,10 +108,13 @@ def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
     assert "kill -0 $(cat /tmp/torch.pid)" in last_part and "pgrep" not in last_part
     assert "f" * 64 in last_part and last_part.index("--part ort") > last_part.index("kill -0")
     assert "hsnet_deploy bench" in calls[-1]["command"] and "--cuda-graph" in calls[-1]["command"]
+    # the kernels at B = 1 after the headline (gpu_layouts profiles its last B)
+    assert calls[-1]["command"].index("gpu_layouts.py") > calls[-1]["command"].index("hsnet_deploy bench")
+    assert "--batches 8 1" in calls[-1]["command"]
     assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-1])
     # every Python run finds the project (the first kit's torch half did not: ModuleNotFoundError on the H200)
     for call in calls:
-        for run in re.findall(r"(\S*)\s+(?:setsid nohup |timeout -s INT \d+ )?python3 (?:benchmarks|-m hsnet_deploy)",
+        for run in re.findall(r"(\S*)\s+(?:setsid nohup |timeout (?:-s INT )?\d+ )?python3 (?:benchmarks|-m hsnet_deploy)",
                               call["command"]):
             assert run.startswith("PYTHONPATH=") and "$PWD" in run, call["command"]
 
