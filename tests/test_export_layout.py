@@ -125,6 +125,12 @@ def test_export_correlation_writes_the_same_pyramid(shots, masked):
         halo = got.halo.reshape(*want.shape[:4], rows, want.shape[-1])
         _close(halo[..., : want.shape[-2], :], want)
         assert (halo[..., want.shape[-2]:, :] == 0).all()
+    # --layout without halo: every stage plain, the same pyramid
+    unpadded = hypercorrelation_for_export(feats, b, shots, masks if masked else None, resize, stage_sizes, blocks,
+                                           use_halo=False)
+    assert not any(isinstance(s, HaloInput) for s in unpadded)
+    for want, got in zip(plain, unpadded):
+        _close(got, want)
 
 
 @pytest.mark.parametrize("layout", ["all", "halo,support_major_mixing", "none"])

@@ -78,7 +78,7 @@ def hypercorrelation_for_export(
     resize: Resizer,
     stage_sizes: tuple[int, int, int],
     first_blocks: tuple[tuple[int, int], ...],
-    halo: bool = True,
+    use_halo: bool = True,
 ) -> list[torch.Tensor | HaloInput]:
     """hypercorrelation in the layouts the learner's first center-pivot convs read without copies.
 
@@ -111,7 +111,7 @@ def hypercorrelation_for_export(
         # The zero rows cost a pass over the support features (C channels per position) to save passes over
         # the correlation (hq*wq per position): worth it only where the query grid outnumbers the channels
         # (C2 at 400x400: 2500 vs 512; not C3: 625 vs 1024, nor C4).
-        rows = halo_rows(hs, kernel, stride) if halo and hq * wq > channels else None
+        rows = halo_rows(hs, kernel, stride) if use_halo and hq * wq > channels else None
         if rows is None:
             s = s.reshape(batch, shots, n_layers, channels, hs * ws)
             corr = torch.matmul(q, s).clamp(min=0)

@@ -127,7 +127,7 @@ class HSNet(nn.Module):
             mark("backbone")
             masks = support_masks.reshape(b * k, h, w) if self.mask_support else None
             stages = hypercorrelation_for_export(feats, b, k, masks, self.mask_resize, self.backbone.stage_sizes,
-                                                 self.hpn_learner.first_blocks(), halo=self.layout.halo)
+                                                 self.hpn_learner.first_blocks(), use_halo=self.layout.halo)
             pyramid = [p.plain if isinstance(p, HaloInput) else p for p in stages]
         else:
             # split, not f[:b] / f[b:]: with B and K dynamic, torch.export (2.11) gives a slice an unbacked
