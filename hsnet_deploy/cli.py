@@ -119,10 +119,8 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
     from hsnet_deploy.artifacts import check_output_path
     from hsnet_deploy.console import err, out, table
     from hsnet_deploy.export import DEFAULT_OPSET, export_onnx
-    from hsnet_deploy.model import check_image_size
+    from hsnet_deploy.model import ExportLayout, check_image_size
     from hsnet_deploy.preflight import export as check_export
-
-    from hsnet_deploy.model import ExportLayout
 
     quiet_exporters()
     check_output_path(output)
