@@ -288,7 +288,8 @@ def _print_gate(report, json_path: str | None = None) -> None:
               help="ONNX Runtime CUDA: I/O bound to fixed device buffers, one CUDA graph captured per (B, K).")
 @click.option("--cuda-ep-option", "ep_option", multiple=True, metavar="KEY=VALUE",
               help="ONNX Runtime CUDA EP option, repeatable: prefer_nhwc=0|1, cudnn_conv_algo_search="
-                   "EXHAUSTIVE|HEURISTIC|DEFAULT, use_tf32=0|1, cudnn_conv_use_max_workspace=0|1. Defaults: HEURISTIC, use_tf32=1 (measured fastest; use_tf32=0 for strict FP32).")
+                   "EXHAUSTIVE|HEURISTIC|DEFAULT, use_tf32=0|1, cudnn_conv_use_max_workspace=0|1. "
+                   "Defaults: HEURISTIC, use_tf32=1 (measured fastest; use_tf32=0 for strict FP32).")
 @click.option("--json", "json_path", type=click.Path(), help="Write every figure as JSON too.")
 @click.option("--report", "report_path", type=click.Path(file_okay=False),
               help="Write an HTML report with plots to this folder (needs the plot extra).")

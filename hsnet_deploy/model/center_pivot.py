@@ -64,49 +64,31 @@ class CenterPivotConv4d(nn.Module):
         self.support_stride = support_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.export_layout:
-            return self.forward_export(x)
-        s = self.support_stride
-        n, c, hq, wq, hs, ws = x.shape
-
-        pruned = x[..., ::s, ::s] if s > 1 else x
-        hs_out, ws_out = pruned.shape[-2:]
-        # (N, C, Hq, Wq, Hs', Ws') -> (N*Hs'*Ws', C, Hq, Wq)
-        q = pruned.permute(0, 4, 5, 1, 2, 3).reshape(-1, c, hq, wq)
-        q = self.conv1(q)
-        co, hq_out, wq_out = q.shape[-3:]
-        # (N*Hs'*Ws', Co, Hq', Wq') -> (N, Co, Hq', Wq', Hs', Ws')
-        q = q.reshape(n, hs_out, ws_out, co, hq_out, wq_out).permute(0, 3, 4, 5, 1, 2)
-
-        # (N, C, Hq, Wq, Hs, Ws) -> (N*Hq*Wq, C, Hs, Ws)
-        sup = x.permute(0, 2, 3, 1, 4, 5).reshape(-1, c, hs, ws)
-        sup = self.conv2(sup)
-        # (N*Hq*Wq, Co, Hs', Ws') -> (N, Co, Hq, Wq, Hs', Ws')
-        sup = sup.reshape(n, hq, wq, co, hs_out, ws_out).permute(0, 3, 1, 2, 4, 5)
-        return q + sup
-
-    def query_conv(self, pruned: torch.Tensor) -> torch.Tensor:
-        """conv1 on (N, C, Hq, Wq, Hs', Ws') in place: a Conv2d over (Hq, Wq*S) dilated by S = Hs'*Ws'.
-        With `dilated_query` off, the authors' form: support positions to the batch, conv1, back."""
-        n, c, hq, wq, hs, ws = pruned.shape
-        if not self.dilated_query:
-            y = self.conv1(pruned.permute(0, 4, 5, 1, 2, 3).reshape(n * hs * ws, c, hq, wq))
-            return y.reshape(n, hs, ws, self.conv1.out_channels, hq, wq).permute(0, 3, 4, 5, 1, 2)
-        s = int(hs) * int(ws)
-        pad = self.conv1.padding[0]
-        y = F.conv2d(pruned.reshape(n, c, hq, wq * s), self.conv1.weight, self.conv1.bias,
-                     padding=(pad, pad * s), dilation=(1, s))
-        return y.reshape(n, self.conv1.out_channels, hq, wq, hs, ws)
-
-    def forward_export(self, x: torch.Tensor) -> torch.Tensor:
-        """The same sums as forward, with conv1's branch transpose-free (see the class docstring)."""
         s = self.support_stride
         n, c, hq, wq, hs, ws = x.shape
         out = self.query_conv(x[..., ::s, ::s] if s > 1 else x)
         hs_out, ws_out = out.shape[-2:]
+        # (N, C, Hq, Wq, Hs, Ws) -> (N*Hq*Wq, C, Hs, Ws) -> conv2 -> (N, Co, Hq, Wq, Hs', Ws')
         sup = self.conv2(x.permute(0, 2, 3, 1, 4, 5).reshape(n * hq * wq, c, hs, ws))
         sup = sup.reshape(n, hq, wq, self.conv2.out_channels, hs_out, ws_out).permute(0, 3, 1, 2, 4, 5)
         return out + sup
+
+    def query_conv(self, pruned: torch.Tensor) -> torch.Tensor:
+        """conv1 over the query dims of (N, C, Hq, Wq, Hs', Ws') at every support position, same shape out.
+
+        The authors' form moves the support positions into the batch and back; the export form
+        (`export_layout` with `dilated_query`) runs on the tensor as it lies: a Conv2d over (Hq, Wq*S)
+        dilated by S = Hs'*Ws'."""
+        n, c, hq, wq, hs, ws = pruned.shape
+        co = self.conv1.out_channels
+        if not (self.export_layout and self.dilated_query):
+            y = self.conv1(pruned.permute(0, 4, 5, 1, 2, 3).reshape(n * hs * ws, c, hq, wq))
+            return y.reshape(n, hs, ws, co, hq, wq).permute(0, 3, 4, 5, 1, 2)
+        s = int(hs) * int(ws)
+        pad = self.conv1.padding[0]
+        y = F.conv2d(pruned.reshape(n, c, hq, wq * s), self.conv1.weight, self.conv1.bias,
+                     padding=(pad, pad * s), dilation=(1, s))
+        return y.reshape(n, co, hq, wq, hs, ws)
 
     def dense_support_conv(self, hs: int, ws: int) -> tuple[torch.Tensor, torch.Tensor]:
         """conv2 over an (hs, ws) support grid written as one 1x1 conv over (hs*ws*C) channels.

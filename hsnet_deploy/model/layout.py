@@ -24,10 +24,12 @@ class ExportLayout:
         text = text.strip()
         if text == "all":
             return cls()
-        chosen = set() if text == "none" else {part.strip().replace("-", "_") for part in text.split(",") if part.strip()}
+        parts = [] if text == "none" else [part.strip().replace("-", "_") for part in text.split(",")]
+        chosen = {part for part in parts if part}
         unknown = sorted(chosen - set(names))
         if unknown:
-            raise ValueError(f"unknown layout switch {', '.join(unknown)}; expected all, none or some of {', '.join(names)}")
+            raise ValueError(f"unknown layout switch {', '.join(unknown)}; "
+                             f"expected all, none or some of {', '.join(names)}")
         return cls(**{name: name in chosen for name in names})
 
     def label(self) -> str:
