@@ -105,7 +105,8 @@ def write_json(path: str | None, obj: object, what: str = "") -> None:
               help="Fold BatchNorm and cancel transposes with onnxslim (before verification).")
 @click.option("--layout", default="all", show_default=True, metavar="all|none|SWITCH,...",
               help="Copy-saving layouts to use: all, none, or a comma list of dilated_query_conv, halo, "
-                   "support_major_mixing. Each computes the same sums; which is fastest depends on the runtime.")
+                   "support_major_mixing, single_bias. Each computes the same sums; which is fastest depends "
+                   "on the runtime.")
 @click.option("--json", "json_path", type=click.Path(), help="Also write the export report as JSON.")
 def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout, json_path):
     """Export HSNet to ONNX, every center-pivot 4D conv as reshaped 2D convs, and verify it.

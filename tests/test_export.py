@@ -29,6 +29,8 @@ def test_every_conv_is_2d_and_no_custom_ops(exported, backbone):
     inits = {i.name for i in proto.graph.initializer}
     norms = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
     assert len(norms) == 15 and not any(n.input[3] in inits or n.input[4] in inits for n in norms)
+    # one bias per center-pivot block (single_bias): each block's conv1 has none, every other Conv has one
+    assert sum(len(n.input) < 3 or not n.input[2] for n in convs) == 15
     onnx.checker.check_model(proto, full_check=True)
 
 

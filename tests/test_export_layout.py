@@ -134,10 +134,11 @@ def test_export_correlation_writes_the_same_pyramid(shots, masked):
         _close(got, want)
 
 
-@pytest.mark.parametrize("layout", ["all", "halo,support_major_mixing", "none"])
+@pytest.mark.parametrize("layout", ["all", "halo,support_major_mixing", "none", "single_bias"])
 def test_model_in_export_layout_matches_eager_at_a_halo_size(layout):
     """At 200x200 resnet50's C2 (25x25, 512 channels) takes the halo layout; logits and pyramid stay put
-    with every layout switch on, with the dilated conv1 off, and with all of them off (`--layout`)."""
+    with every layout switch on, with the dilated conv1 and the single bias off, with all of them off, and
+    with only the single bias on (`--layout`)."""
     import copy
 
     from conftest import random_episode
@@ -153,8 +154,15 @@ def test_model_in_export_layout_matches_eager_at_a_halo_size(layout):
     exported.hpn_learner.squeeze = lambda block, x: seen.append(isinstance(x, HaloInput)) or real(block, x)
     real_conv2d = F.conv2d
 
+    biases = {}  # center-pivot conv -> the bias its conv1 and conv2 ran with
+    branches = {id(m.conv1.weight): (m, 0) for m in exported.modules() if isinstance(m, CenterPivotConv4d)}
+    branches.update({id(m.conv2.weight): (m, 1) for m in exported.modules() if isinstance(m, CenterPivotConv4d)})
+
     def spy(*args, **kwargs):
         dilated.append(kwargs.get("dilation", 1) != 1)
+        if id(args[1]) in branches:
+            module, branch = branches[id(args[1])]
+            biases.setdefault(module, ["not run", "not run"])[branch] = args[2] if len(args) > 2 else kwargs.get("bias")
         return real_conv2d(*args, **kwargs)
 
     with torch.no_grad():
@@ -168,17 +176,33 @@ def test_model_in_export_layout_matches_eager_at_a_halo_size(layout):
     assert seen == [False, False, chosen.halo]
     assert any(dilated) == chosen.dilated_query_conv
     assert exported.hpn_learner.support_major == chosen.support_major_mixing
+    # conv1 without a bias and conv2 with the sum of both, or each with its own (the dense conv2 of the
+    # support-major mixing runs other weights: its bias is checked by test_support_major_conv_matches_naive_4d_sum)
+    assert len(biases) == 15
+    dense = [bias2 for _, bias2 in biases.values() if isinstance(bias2, str)]
+    assert len(dense) == (6 if chosen.support_major_mixing else 0)
+    for module, (bias1, bias2) in biases.items():
+        if chosen.single_bias:
+            assert bias1 is None and (isinstance(bias2, str) or torch.equal(bias2, module.conv1.bias + module.conv2.bias))
+        else:
+            assert bias1 is module.conv1.bias and (isinstance(bias2, str) or bias2 is module.conv2.bias)
     _close(got, want, rel=1e-5)
     for g, w in zip(got_pyramid, want_pyramid):
         _close(g, w, rel=1e-5)
 
 
+@pytest.mark.parametrize("single_bias", [False, True])
 @pytest.mark.parametrize("kernel,stride,grid", [(3, 1, (2, 2)), (3, 1, (3, 2)), (3, 2, (4, 4)), (5, 4, (5, 6))])
-def test_support_major_conv_matches_naive_4d_sum(kernel, stride, grid):
-    """The dense 1x1 form of conv2 and conv1 on support-major maps give the explicit 4D sums."""
+def test_support_major_conv_matches_naive_4d_sum(kernel, stride, grid, single_bias):
+    """The dense 1x1 form of conv2 and conv1 on support-major maps give the explicit 4D sums, with each
+    branch's bias or with the two summed into the dense conv's."""
     torch.manual_seed(kernel + stride + grid[0])
     conv = CenterPivotConv4d(3, 5, kernel, stride)
     x = torch.randn(2, 3, 4, 5, *grid)  # (N, C, Hq, Wq, Hs, Ws)
+    with torch.no_grad():
+        conv.conv1.bias.normal_(0, 2)  # large enough that a dropped or doubled bias fails the comparison
+    if single_bias:
+        conv.prepare_single_bias()
     conv.prepare_support_major(*grid)
     with torch.no_grad():
         got = conv.forward_support_major(x.permute(0, 4, 5, 1, 2, 3)).permute(0, 3, 4, 5, 1, 2)
@@ -259,9 +283,11 @@ def test_layout_switches_parse_from_the_command_line_form():
 
     assert ExportLayout.parse("all") == ExportLayout() and ExportLayout().label() == "all"
     none = ExportLayout.parse("none")
-    assert not (none.halo or none.dilated_query_conv or none.support_major_mixing) and none.label() == "none"
+    assert not (none.halo or none.dilated_query_conv or none.support_major_mixing or none.single_bias)
+    assert none.label() == "none"
     some = ExportLayout.parse(" halo , support-major-mixing ")
-    assert some == ExportLayout(dilated_query_conv=False) and some.label() == "halo,support_major_mixing"
+    assert some == ExportLayout(dilated_query_conv=False, single_bias=False)
+    assert some.label() == "halo,support_major_mixing"
     assert ExportLayout.parse(some.label()) == some
     with pytest.raises(ValueError, match="unknown layout switch diagonal"):
         ExportLayout.parse("halo,diagonal")

@@ -55,6 +55,7 @@ class CenterPivotConv4d(nn.Module):
 
     export_layout = False
     dilated_query = True  # export: conv1 dilated over the 6D tensor as it lies (ExportLayout.dilated_query_conv)
+    single_bias = False  # export: conv1's bias moved into conv2's (ExportLayout.single_bias, prepare_single_bias)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, support_stride: int):
         super().__init__()
@@ -63,13 +64,32 @@ class CenterPivotConv4d(nn.Module):
         self.conv2 = nn.Conv2d(in_channels, out_channels, kernel_size, stride=support_stride, padding=pad)
         self.support_stride = support_stride
 
+    def prepare_single_bias(self) -> None:
+        """Export: one bias for the block, conv1's added into conv2's. The branches are summed, so the sum
+        is the same; ONNX Runtime's CUDA EP adds each Conv's bias in a kernel of its own (a pass over the
+        block's output), which the other branch then saves."""
+        self.register_buffer("summed_bias", (self.conv1.bias + self.conv2.bias).detach(), persistent=False)
+        self.single_bias = True
+
+    def branch_biases(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(conv1's bias, conv2's bias) as the export applies them."""
+        if self.single_bias:
+            return None, self.summed_bias
+        return self.conv1.bias, self.conv2.bias
+
+    def support_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """conv2 with the bias `branch_biases` gives it."""
+        if not self.single_bias:
+            return self.conv2(x)
+        return F.conv2d(x, self.conv2.weight, self.summed_bias, self.conv2.stride, self.conv2.padding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.support_stride
         n, c, hq, wq, hs, ws = x.shape
         out = self.query_conv(x[..., ::s, ::s] if s > 1 else x)
         hs_out, ws_out = out.shape[-2:]
         # (N, C, Hq, Wq, Hs, Ws) -> (N*Hq*Wq, C, Hs, Ws) -> conv2 -> (N, Co, Hq, Wq, Hs', Ws')
-        sup = self.conv2(x.permute(0, 2, 3, 1, 4, 5).reshape(n * hq * wq, c, hs, ws))
+        sup = self.support_conv(x.permute(0, 2, 3, 1, 4, 5).reshape(n * hq * wq, c, hs, ws))
         sup = sup.reshape(n, hq, wq, self.conv2.out_channels, hs_out, ws_out).permute(0, 3, 1, 2, 4, 5)
         return out + sup
 
@@ -82,13 +102,19 @@ class CenterPivotConv4d(nn.Module):
         n, c, hq, wq, hs, ws = pruned.shape
         co = self.conv1.out_channels
         if not (self.export_layout and self.dilated_query):
-            y = self.conv1(pruned.permute(0, 4, 5, 1, 2, 3).reshape(n * hs * ws, c, hq, wq))
+            y = self.batched_query_conv(pruned.permute(0, 4, 5, 1, 2, 3).reshape(n * hs * ws, c, hq, wq))
             return y.reshape(n, hs, ws, co, hq, wq).permute(0, 3, 4, 5, 1, 2)
         s = int(hs) * int(ws)
         pad = self.conv1.padding[0]
-        y = F.conv2d(pruned.reshape(n, c, hq, wq * s), self.conv1.weight, self.conv1.bias,
+        y = F.conv2d(pruned.reshape(n, c, hq, wq * s), self.conv1.weight, self.branch_biases()[0],
                      padding=(pad, pad * s), dilation=(1, s))
         return y.reshape(n, co, hq, wq, hs, ws)
+
+    def batched_query_conv(self, images: torch.Tensor) -> torch.Tensor:
+        """conv1 over a batch of (C, Hq, Wq) maps, with the bias `branch_biases` gives it."""
+        if not self.single_bias:
+            return self.conv1(images)
+        return F.conv2d(images, self.conv1.weight, None, self.conv1.stride, self.conv1.padding)
 
     def dense_support_conv(self, hs: int, ws: int) -> tuple[torch.Tensor, torch.Tensor]:
         """conv2 over an (hs, ws) support grid written as one 1x1 conv over (hs*ws*C) channels.
@@ -105,7 +131,7 @@ class CenterPivotConv4d(nn.Module):
                             self.conv2.padding)  # (hs*ws*C, Co, hs', ws')
             hs_out, ws_out = taps.shape[-2:]
             weight = taps.permute(2, 3, 1, 0).reshape(hs_out * ws_out * co, hs * ws * c, 1, 1).contiguous()
-            bias = self.conv2.bias.detach().repeat(hs_out * ws_out)
+            bias = self.branch_biases()[1].detach().repeat(hs_out * ws_out)
         return weight, bias
 
     def prepare_support_major(self, hs: int, ws: int) -> None:
@@ -124,7 +150,7 @@ class CenterPivotConv4d(nn.Module):
         pruned = x[:, ::s, ::s] if s > 1 else x
         hs_out, ws_out = int(pruned.shape[1]), int(pruned.shape[2])
         co = self.conv1.out_channels
-        q = self.conv1(pruned.reshape(n * hs_out * ws_out, c, hq, wq))
+        q = self.batched_query_conv(pruned.reshape(n * hs_out * ws_out, c, hq, wq))
         sup = F.conv2d(x.reshape(n, hs * ws * c, hq, wq), self.dense_weight, self.dense_bias)
         return q.reshape(n, hs_out, ws_out, co, hq, wq) + sup.reshape(n, hs_out, ws_out, co, hq, wq)
 
@@ -137,5 +163,5 @@ class CenterPivotConv4d(nn.Module):
         n, _, hq, wq = inp.plain.shape[:4]
         out = self.query_conv(inp.pruned)
         hs_out, ws_out = out.shape[-2:]
-        sup = self.conv2(inp.halo)  # (N, Co, Hq*Wq*Hs', Ws')
+        sup = self.support_conv(inp.halo)  # (N, Co, Hq*Wq*Hs', Ws')
         return out + sup.reshape(n, self.conv2.out_channels, hq, wq, hs_out, ws_out)

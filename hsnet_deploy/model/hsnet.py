@@ -88,9 +88,6 @@ class HSNet(nn.Module):
         learner_pairs = {(fh[2], fh[1]), (fh[1], fh[0]), (fw[2], fw[1]), (fw[1], fw[0]),
                          (fh[0], 2 * fh[0]), (fw[0], 2 * fw[0])}
         self.hpn_learner.resize.prepare(learner_pairs)
-        if layout.support_major_mixing:
-            self.hpn_learner.prepare_support_major(squeezed_support_side(self.backbone_name, height)[0],
-                                                   squeezed_support_side(self.backbone_name, width)[0])
         self.output_resize.prepare({(2 * fh[0], height), (2 * fw[0], width)})
         for module in self.modules():
             if isinstance(module, GroupNorm6d):
@@ -98,6 +95,13 @@ class HSNet(nn.Module):
             if isinstance(module, CenterPivotConv4d):
                 module.export_layout = True
                 module.dilated_query = layout.dilated_query_conv
+                if layout.single_bias:
+                    module.prepare_single_bias()
+                else:
+                    module.single_bias = False
+        if layout.support_major_mixing:  # after single_bias: the dense conv2 takes the block's one bias
+            self.hpn_learner.prepare_support_major(squeezed_support_side(self.backbone_name, height)[0],
+                                                   squeezed_support_side(self.backbone_name, width)[0])
         self.export_layout = True
         self.layout = layout
         return self

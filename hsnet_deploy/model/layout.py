@@ -11,11 +11,13 @@ class ExportLayout:
 
     All on moves the fewest bytes (benchmarks/graph_cost.py) and is fastest on ONNX Runtime's CPU; a
     GPU runtime may prefer an off switch where cuDNN runs the plain form's convs faster than the copy costs.
+    `single_bias` moves no layout: it drops a bias that ONNX Runtime's CUDA EP adds in a kernel of its own.
     """
 
     dilated_query_conv: bool = True  # conv1 as a Conv2d dilated by Hs'*Ws' on the 6D tensor, no transpose
     halo: bool = True  # C2's first block reads a correlation written with zero rows between support grids
     support_major_mixing: bool = True  # mixing blocks in (N, Hs, Ws, C, Hq, Wq), conv2 as one dense 1x1 conv
+    single_bias: bool = True  # each center-pivot conv's two biases summed into conv2's: one bias pass per block
 
     @classmethod
     def parse(cls, text: str) -> ExportLayout:
