@@ -5,8 +5,9 @@ travel as numbered parts, one per call; the torch half of `benchmarks/gpu.py` st
 while the other parts travel; the call with the last part runs the ONNX Runtime half, one more call `bench`. Everything goes under .gpu/ (git-ignored):
 
     .gpu/resnet50-400.onnx, .gpu/resnet50-400-fp16.onnx   the FP32 export and its gated FP16 variant (seed 0)
+    .gpu/resnet50-400-nodil-fp16.onnx   the FP16 variant of the export with conv1 not dilated (NODIL_LAYOUT)
     .gpu/site.tar.xz     the package folders of onnxruntime-gpu and onnxslim for the machine's Python
-    .gpu/parts/partNN    one tar of the three, split into pieces of --part-mb
+    .gpu/parts/partNN    one tar of the four, split into pieces of --part-mb
     .gpu/kit.json        the commit it was built at, the bundle's sha256, the calls
 
     python benchmarks/gpu_kit.py            # build (reuses ONNX files built at the same model code)
@@ -85,11 +86,12 @@ def split_bundle(files: list[Path], parts_dir: Path, part_bytes: int) -> tuple[l
     return parts, digest.hexdigest()
 
 
-def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[dict]:
+def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str, layout_files: tuple[str, ...] = ()) -> list[dict]:
     """The `run` calls in order: each copies its part to /tmp/parts; the first starts the torch half in the
     background; the one with the last part checks and unpacks the bundle, waits for the torch half and runs
-    the ONNX Runtime half; a final call runs the product's own `bench` at B = 1 and 8 (the headline figures)
-    and the GPU kernels of both files at B = 1 (`gpu_layouts.py`).
+    the ONNX Runtime half; then one call runs the product's own `bench` at B = 1 and 8 (the headline figures)
+    and a last one `gpu_layouts.py` on both files and `layout_files` (other export layouts), with the GPU
+    kernels at B = 8 and 1.
     Everything lands in $OUT; no call needs more than its own limit if an earlier one ran long."""
     keep = "mkdir -p /tmp/parts; cp {p} /tmp/parts/"
     calls = []
@@ -119,19 +121,28 @@ def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str) -> list[di
         # SIGINT: bench prints and writes what it measured so far
         f"for b in 1 8; do PYTHONPATH=/tmp/site:$PWD timeout -s INT 140 python3 -m hsnet_deploy bench"
         f" {stage}/{onnx} {stage}/{fp16} --device cuda --cuda-graph --no-stages -b $b -n 30"
-        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; grep -hv 'Fallback\\|━' $OUT/bench-b*.txt"
-        # then the GPU kernels at B = 1 (the last B listed), where the time is not in the bytes (docs, run 4)
-        f"; PYTHONPATH=/tmp/site:$PWD timeout 120 python3 benchmarks/gpu_layouts.py --out $OUT --batches 8 1"
-        f" --iters 20 {stage}/{onnx} {stage}/{fp16} 2>&1 | grep -v Fallback | tail -n 60")})
+        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; grep -hv 'Fallback\\|━' $OUT/bench-b*.txt")})
+    # the GPU kernels at B = 8 (where the bytes are) and B = 1 (where the time is not in the bytes: docs, run 4)
+    files = " ".join(f"{stage}/{f}" for f in (onnx, fp16, *layout_files))
+    calls.append({"carry": [], "timeout_s": 330, "command": (
+        f"PYTHONPATH=/tmp/site:$PWD timeout 310 python3 benchmarks/gpu_layouts.py --out $OUT --batches 8 1"
+        f" --kernel-batches 8 1 --iters 20 --budget-s 240 {files} 2>&1 | grep -v Fallback | tail -n 120")})
     return calls
 
 
-def build_onnx(onnx: Path, fp16: Path) -> None:
+def build_onnx(onnx: Path, fp16: Path, layout: str = "all") -> None:
+    """The FP32 export at `layout` (--layout) and its gated FP16 variant."""
     cli = [sys.executable, "-m", "hsnet_deploy"]
-    subprocess.run([*cli, "export", "--backbone", "resnet50", "--img-size", "400", "--seed", "0", "-o", str(onnx)],
-                   check=True, cwd=ROOT)
+    subprocess.run([*cli, "export", "--backbone", "resnet50", "--img-size", "400", "--seed", "0", "--layout", layout,
+                    "-o", str(onnx)], check=True, cwd=ROOT)
     subprocess.run([*cli, "build-engine", str(onnx), "--backend", "onnxruntime", "--fp16", "-o", str(fp16)],
                    check=True, cwd=ROOT)
+
+
+# The FP16 variant of an export whose conv1 is not dilated: cuDNN ran the FP16 variant's convolutions on SIMT
+# kernels, not tensor cores (H200 profile, docs/benchmarks.md); whether the dilation by Hs'*Ws' is the reason
+# is what the kernels of the two FP16 files answer.
+NODIL_LAYOUT = "halo,support_major_mixing,single_bias"
 
 
 def main() -> None:
@@ -147,10 +158,14 @@ def main() -> None:
     KIT.mkdir(exist_ok=True)
     (KIT / ".gitignore").write_text("*\n")  # keeps the kit out of git status and of what a call carries
     onnx, fp16 = KIT / "resnet50-400.onnx", KIT / "resnet50-400-fp16.onnx"
+    nodil16 = KIT / "resnet50-400-nodil-fp16.onnx"
     commit = model_code_commit()
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if commit == "dirty" or old.get("model_code_commit") != commit or not (onnx.exists() and fp16.exists()):
+    if commit == "dirty" or old.get("model_code_commit") != commit or not all(p.exists() for p in (onnx, fp16, nodil16)):
         build_onnx(onnx, fp16)
+        nodil = KIT / "nodil.tmp.onnx"
+        build_onnx(nodil, nodil16, NODIL_LAYOUT)
+        nodil.unlink()
     site = KIT / "site.tar.xz"
     if not site.exists():
         dl = KIT / "dl"
@@ -159,11 +174,11 @@ def main() -> None:
                         "--platform", "manylinux_2_28_x86_64", "-d", str(dl), *WHEELS], check=True)
         print("packing the wheels (xz, a few minutes on 2 cores)", flush=True)
         pack_site(sorted(dl.glob("*.whl")), site)
-    parts, sha256 = split_bundle([site, onnx, fp16], KIT / "parts", int(args.part_mb * 1e6))
+    parts, sha256 = split_bundle([site, onnx, fp16, nodil16], KIT / "parts", int(args.part_mb * 1e6))
     rel = [str(p.relative_to(ROOT)) for p in parts]
-    calls = device_calls(rel, sha256, onnx.name, fp16.name)
+    calls = device_calls(rel, sha256, onnx.name, fp16.name, (nodil16.name,))
     manifest = {"model_code_commit": commit, "bundle_sha256": sha256, "parts": rel,
-                "bytes": {p.name: p.stat().st_size for p in (site, onnx, fp16)}, "calls": calls}
+                "bytes": {p.name: p.stat().st_size for p in (site, onnx, fp16, nodil16)}, "calls": calls}
     manifest_path.write_text(json.dumps(manifest, indent=1))
     print(f"{len(parts)} parts under {KIT / 'parts'}; calls:")
     print(json.dumps(calls, indent=1))

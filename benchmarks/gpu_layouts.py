@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--kernel-runs", type=int, default=5, help="Episodes profiled per file at the last B.")
+    parser.add_argument("--kernel-runs", type=int, default=5, help="Episodes profiled per file and kernel B.")
+    parser.add_argument("--kernel-batches", type=int, nargs="+", help="B values whose kernels are profiled "
+                        "[default: the last of --batches].")
     parser.add_argument("--top", type=int, default=12, help="Kernels listed per file.")
     parser.add_argument("--budget-s", type=float, default=400.0)
     args = parser.parse_args()
@@ -92,6 +94,9 @@ def main() -> None:
 
         if hasattr(onnxruntime, "preload_dlls"):
             onnxruntime.preload_dlls()
+    kernel_batches = args.kernel_batches or args.batches[-1:]
+    if set(kernel_batches) - set(args.batches):
+        raise SystemExit(f"Error: --kernel-batches {kernel_batches} must be among --batches {args.batches}")
     args.out.mkdir(parents=True, exist_ok=True)
     metas = {p: inspect_artifact(p).meta for p in args.onnx}
     backbones = {m.get("backbone") for m in metas.values()}
@@ -113,8 +118,9 @@ def main() -> None:
         check = refs if seeded and meta.get("precision") == "fp32" else None
         measure(matrix, label, lambda p=path: open_artifact(p, args.device, cuda_graph=graph), feeds, args, check,
                 extra={"file": path.name, "layout": meta.get("layout", "all"), "precision": meta.get("precision")})
-        if graph and matrix.elapsed() < args.budget_s:
-            b = args.batches[-1]
+        for b in kernel_batches if graph else ():
+            if matrix.elapsed() >= args.budget_s:
+                break
             try:
                 prof = kernel_profile(path, feeds[b], args.kernel_runs, args.top)
             except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the latency figures
@@ -123,6 +129,7 @@ def main() -> None:
             print(f"  kernels B={b}: " + (f"{prof['gpu_ms']:.2f} ms GPU, {prof['kernels']:.0f} kernels, "
                                           + ", ".join(f"{k} {v:.2f}" for k, v in prof["by_kind_ms"].items())
                                           if "error" not in prof else prof["error"]), flush=True)
+            matrix.save()
         matrix.save()
     rows = [[r["runner"], r["B"], r["latency_ms"]["p50"], (r.get("device_io_ms") or {}).get("p50", "-"),
              r["episodes_per_s"], r.get("max_rel_logit_err", "-")] for r in matrix.data["rows"]]

@@ -99,19 +99,22 @@ def test_gpu_kit_parts_reassemble_into_the_files_and_the_site_folder(tmp_path):
 def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
     kit = _kit()
     parts = [f".gpu/parts/part{i:02d}" for i in range(6)]
-    calls = kit.device_calls(parts, "f" * 64, "a.onnx", "a-fp16.onnx")
-    assert [c["carry"] for c in calls] == [[p] for p in parts] + [[]]
+    calls = kit.device_calls(parts, "f" * 64, "a.onnx", "a-fp16.onnx", ("b-fp16.onnx",))
+    assert [c["carry"] for c in calls] == [[p] for p in parts] + [[], []]
     assert all(len(c["command"]) <= 2000 and c["timeout_s"] <= 600 for c in calls)
     assert "--part torch" in calls[0]["command"] and "/tmp/torch.pid" in calls[0]["command"]
-    last_part = calls[-2]["command"]
+    last_part = calls[-3]["command"]
     # waits on the torch half by its pid (a pattern match would also match this very shell's command line)
     assert "kill -0 $(cat /tmp/torch.pid)" in last_part and "pgrep" not in last_part
     assert "f" * 64 in last_part and last_part.index("--part ort") > last_part.index("kill -0")
-    assert "hsnet_deploy bench" in calls[-1]["command"] and "--cuda-graph" in calls[-1]["command"]
-    # the kernels at B = 1 after the headline (gpu_layouts profiles its last B)
-    assert calls[-1]["command"].index("gpu_layouts.py") > calls[-1]["command"].index("hsnet_deploy bench")
-    assert "--batches 8 1" in calls[-1]["command"]
-    assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-1])
+    assert "hsnet_deploy bench" in calls[-2]["command"] and "--cuda-graph" in calls[-2]["command"]
+    assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-2] + calls[-1:])
+    # then the layouts: all three files, kernels at B = 8 and 1, stopped by its own timeout inside the call's
+    layouts = calls[-1]["command"]
+    assert "gpu_layouts.py" in layouts and "--kernel-batches 8 1" in layouts and "--batches 8 1" in layouts
+    assert all(f"/tmp/stage/{f}" in layouts for f in ("a.onnx", "a-fp16.onnx", "b-fp16.onnx"))
+    inner = int(re.search(r"timeout (\d+) python3 benchmarks/gpu_layouts", layouts).group(1))
+    assert inner < calls[-1]["timeout_s"]
     # every Python run finds the project (the first kit's torch half did not: ModuleNotFoundError on the H200)
     for call in calls:
         for run in re.findall(r"(\S*)\s+(?:setsid nohup |timeout (?:-s INT )?\d+ )?python3 (?:benchmarks|-m hsnet_deploy)",
@@ -146,3 +149,12 @@ def test_gpu_layouts_sorts_kernels_into_kinds():
     assert kernel_kind("void implicit_convolve_sgemm<__half, __half, 128, 6, 7>") == "convolution"
     assert kernel_kind("void cutlass::Kernel2<cutlass_80_simt_sgemm_256x128_8x4_nn_align1>") == "gemm"
     assert kernel_kind("void reduce_tensor_kernel_free<float, 8, 16, 1, 1>") == "other"
+
+
+def test_gpu_layouts_refuses_kernel_batches_it_does_not_time(exported):
+    path, _, _ = exported("resnet50")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_layouts.py"), "--device", "cpu", "--batches", "1",
+         "--kernel-batches", "8", "--out", "/nonexistent/never-written", str(path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False)
+    assert run.returncode != 0 and "Error: --kernel-batches [8] must be among --batches [1]" in run.stderr
