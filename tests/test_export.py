@@ -29,6 +29,10 @@ def test_every_conv_is_2d_and_no_custom_ops(exported, backbone):
     inits = {i.name for i in proto.graph.initializer}
     norms = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
     assert len(norms) == 15 and not any(n.input[3] in inits or n.input[4] in inits for n in norms)
+    # the correlation's ReLUs are Relu nodes, which ONNX Runtime's INT8 graph folds into the QLinearMatMul
+    stage_of = stage_of_node(props_to_meta({p.key: p.value for p in proto.metadata_props}))
+    correlation_ops = [n.op_type for n in proto.graph.node if stage_of.get(n.name) == "correlation"]
+    assert correlation_ops.count("Relu") >= 3 and "Max" not in correlation_ops
     # one bias per center-pivot block (single_bias): each block's conv1 has none, every other Conv has one
     assert sum(len(n.input) < 3 or not n.input[2] for n in convs) == 15
     onnx.checker.check_model(proto, full_check=True)

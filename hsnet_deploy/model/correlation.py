@@ -92,6 +92,8 @@ def hypercorrelation_for_export(
     the conv's zero padding), and a second, small MatMul with the support positions 0, s, 2s, ...
     writes conv1's pruned input, instead of slicing it out of the large tensor. Other stages are
     returned as by `hypercorrelation`.
+    The ReLU is `torch.relu` (the authors clamp at 0: the same values), exported as a Relu node, which ONNX
+    Runtime's INT8 graph folds into the correlation MatMul's requantisation; a Max(x, 0) stayed a float pass.
     """
     pyramid: list[torch.Tensor | HaloInput] = []
     for (lo, hi), (kernel, stride) in zip(stage_bounds(len(feats), stage_sizes), first_blocks):
@@ -114,15 +116,15 @@ def hypercorrelation_for_export(
         rows = halo_rows(hs, kernel, stride) if use_halo and hq * wq > channels else None
         if rows is None:
             s = s.reshape(batch, shots, n_layers, channels, hs * ws)
-            corr = torch.matmul(q, s).clamp(min=0)
+            corr = torch.relu(torch.matmul(q, s))
             pyramid.append(corr.reshape(batch * shots, n_layers, hq, wq, hs, ws))
             continue
         padded = F.pad(s, (0, 0, 0, rows - hs)).reshape(batch, shots, n_layers, channels, rows * ws)
-        corr = torch.matmul(q, padded).clamp(min=0)  # (B, K, L, hq*wq, rows*ws)
+        corr = torch.relu(torch.matmul(q, padded))  # (B, K, L, hq*wq, rows*ws)
         halo = corr.reshape(batch * shots, n_layers, hq * wq * rows, ws)
         pruned_s = s[..., ::stride, ::stride]
         phs, pws = (int(d) for d in pruned_s.shape[-2:])
-        pruned = torch.matmul(q, pruned_s.reshape(batch, shots, n_layers, channels, phs * pws)).clamp(min=0)
+        pruned = torch.relu(torch.matmul(q, pruned_s.reshape(batch, shots, n_layers, channels, phs * pws)))
         pruned = pruned.reshape(batch * shots, n_layers, hq, wq, phs, pws)
         # Last, so that a graph's stage labels (export/stages.py) end the correlation here.
         plain = corr.reshape(batch * shots, n_layers, hq, wq, rows, ws)[..., :hs, :]
