@@ -106,8 +106,14 @@ class Arg:
         self.name, self.type = name, ONNX_TYPE[np.dtype(dtype)]
 
 
+# (node, op, EP) as ONNX Runtime's profiler reports a run of a model with `cpu_nodes`
+PLACEMENT = (("mask_size", "Shape", "CPUExecutionProvider"), ("conv_1", "Conv", "CUDAExecutionProvider"),
+             ("vote_index", "NonZero", "CPUExecutionProvider"), ("conv_2", "Conv", "CUDAExecutionProvider"))
+
+
 class FakeSession:
-    """`cpu_nodes`: the model has nodes only the CPU EP runs, so ONNX Runtime refuses graph capture."""
+    """`cpu_nodes`: the model has nodes only the CPU EP runs, so ONNX Runtime refuses graph capture; a profiled
+    `run` (SessionOptions.enable_profiling) writes a trace with each node's EP, as ONNX Runtime's does."""
 
     cpu_nodes = False
     io_dtype = np.float32
@@ -115,6 +121,9 @@ class FakeSession:
 
     def __init__(self, path, sess_options=None, providers=None) -> None:
         self.path, self.providers = path, providers
+        self.profile_prefix = getattr(sess_options, "profile_file_prefix", None) if getattr(
+            sess_options, "enable_profiling", False) else None
+        self.events: list[dict] = []
         cuda = next((p for p in providers or [] if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider"), None)
         self.cuda_options = dict(cuda[1]) if cuda else {}
         self.graphs_on = self.cuda_options.get("enable_cuda_graph") == "1"
@@ -132,6 +141,24 @@ class FakeSession:
 
     def io_binding(self) -> FakeIOBinding:
         return FakeIOBinding()
+
+    def run(self, output_names, feed):
+        logits, mask = fake_model(feed["query_img"], feed["support_imgs"], feed["support_masks"])
+        placement = PLACEMENT if self.cpu_nodes else [p for p in PLACEMENT if p[2] == "CUDAExecutionProvider"]
+        for name, op, provider in placement:
+            for suffix in ("_fence_before", "_kernel_time", "_fence_after"):
+                self.events.append({"cat": "Node", "name": name + suffix, "args": {"op_name": op, "provider": provider}})
+        self.events.append({"cat": "Session", "name": "model_run", "args": {}})
+        return [{"logits": logits, "mask": mask}[n] for n in output_names]
+
+    def end_profiling(self) -> str:
+        import json
+
+        assert self.profile_prefix, "end_profiling without enable_profiling"
+        path = f"{self.profile_prefix}_fake.json"
+        with open(path, "w") as f:
+            json.dump(self.events, f)
+        return path
 
     def run_with_iobinding(self, binding: FakeIOBinding, run_options: FakeRunOptions | None = None) -> None:
         counters = FakeOrtValue.counters

@@ -169,6 +169,9 @@ def test_graph_capture_is_refused_up_front_with_an_error_not_a_crash(ort, monkey
     with pytest.raises(UserError, match="cannot capture this model in a CUDA graph") as info, runner:
         pass
     assert CAPTURE_REFUSAL[:40] in str(info.value)
+    # named from a profiled run without capture: the CPU nodes, not the CUDA ones
+    assert "nodes it runs outside the CUDA EP: mask_size (Shape), vote_index (NonZero);" in str(info.value)
+    assert "conv_1" not in str(info.value)
     with OrtRunner("m.onnx", META, "cuda") as runner:  # the same model runs without a graph
         feed = _feed(1, 1, 0)
         _check(runner.infer(feed), feed)
@@ -252,3 +255,31 @@ def test_device_io_latency_times_infer_device_with_the_episode_already_on_the_de
         assert FakeOrtValue.counters.runs - runs_before == 7
         assert set(lat) >= {"p50", "mean"} and 0 < lat["min"] <= lat["p50"] <= lat["max"]
         assert [s.key[0] for s in runner.fixed_io.slots.values()] == ["device"]  # no host buffers were made
+
+
+def test_capture_refusal_still_speaks_when_the_placement_run_fails(ort, monkeypatch):
+    monkeypatch.setattr(FakeSession, "cpu_nodes", True)
+
+    def broken(self, output_names, feed):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(FakeSession, "run", broken)
+    with pytest.raises(UserError, match="cannot capture this model in a CUDA graph") as info, \
+            OrtRunner("m.onnx", META, "cuda", cuda_graph=True):
+        pass
+    assert "outside the CUDA EP" not in str(info.value) and "run it without --cuda-graph" in str(info.value)
+
+
+def test_nodes_off_cuda_reads_a_profile_once_per_node_in_run_order():
+    from hsnet_deploy.runtime.ort_cuda import SHOWN_NODES, capture_refusal, nodes_off_cuda
+
+    events = [{"cat": "Session", "name": "session_initialization", "args": {}}]
+    for i in range(12):
+        provider = "CUDAExecutionProvider" if i % 3 else "CPUExecutionProvider"
+        for suffix in ("_fence_before", "_kernel_time", "_fence_after"):
+            events.append({"cat": "Node", "name": f"n{i}{suffix}", "args": {"op_name": f"Op{i}", "provider": provider}})
+    events.append({"cat": "Node", "name": "n0_kernel_time", "args": {"op_name": "Op0", "provider": "CPUExecutionProvider"}})
+    assert nodes_off_cuda(events) == ["n0 (Op0)", "n3 (Op3)", "n6 (Op6)", "n9 (Op9)"]
+    many = [f"m{i} (Gather)" for i in range(SHOWN_NODES + 3)]
+    message = str(capture_refusal("a.onnx", RuntimeError("refused"), many))
+    assert f"m{SHOWN_NODES - 1} (Gather) and 3 more;" in message and f"m{SHOWN_NODES} " not in message

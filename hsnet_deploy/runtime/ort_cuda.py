@@ -87,11 +87,33 @@ def check_cuda_graph_request(device: str, providers: Iterable[str], what: str) -
                         "(pip install onnxruntime-gpu)")
 
 
-def capture_refusal(what: str, exc: BaseException) -> UserError:
-    """ONNX Runtime refuses graph capture when a node runs outside the CUDA EP (CPU-only ops, control flow)."""
+def capture_refusal(what: str, exc: BaseException, off_cuda: list[str] | None = None) -> UserError:
+    """ONNX Runtime refuses graph capture when a node runs outside the CUDA EP (CPU-only ops, control flow);
+    `off_cuda` names those nodes where a profiled run could tell (`nodes_off_cuda`), the first few of them."""
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    return UserError(f"{what}: ONNX Runtime cannot capture this model in a CUDA graph ({first}); "
+    where = ""
+    if off_cuda:
+        shown = ", ".join(off_cuda[:SHOWN_NODES])
+        more = f" and {len(off_cuda) - SHOWN_NODES} more" if len(off_cuda) > SHOWN_NODES else ""
+        where = f"; nodes it runs outside the CUDA EP: {shown}{more}"
+    return UserError(f"{what}: ONNX Runtime cannot capture this model in a CUDA graph ({first}){where}; "
                      "run it without --cuda-graph")
+
+
+SHOWN_NODES = 8
+
+
+def nodes_off_cuda(profile_events: list[dict]) -> list[str]:
+    """'name (OpType)' of each node that ONNX Runtime's profile shows running on another EP than CUDA, in
+    the order of their first run: what keeps a session from capturing a CUDA graph."""
+    seen: dict[str, str] = {}
+    for event in profile_events:
+        args = event.get("args") or {}
+        if event.get("cat") != "Node" or not args.get("provider") or args["provider"] == "CUDAExecutionProvider":
+            continue
+        name = str(event.get("name", "")).removesuffix("_kernel_time").removesuffix("_fence_before")
+        seen.setdefault(name.removesuffix("_fence_after"), str(args.get("op_name", "?")))
+    return [f"{name} ({op})" for name, op in seen.items()]
 
 
 def output_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

@@ -17,6 +17,7 @@ from hsnet_deploy.runtime.ort_cuda import (
     capture_refusal,
     check_cuda_graph_request,
     cuda_provider_options,
+    nodes_off_cuda,
 )
 from hsnet_deploy.runtime.ort_options import session_options
 
@@ -82,8 +83,30 @@ class OrtRunner(Runner):
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for bad files
             if self.cuda_graph and "graph" in str(exc).lower():
-                raise capture_refusal(self.model_path, exc) from None
+                raise capture_refusal(self.model_path, exc, self._nodes_off_cuda()) from None
             raise UserError(f"{self.model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
+
+    def _nodes_off_cuda(self) -> list[str]:
+        """The nodes this model runs outside the CUDA EP with these EP options, for the capture refusal: one
+        profiled run of an all-zero B = K = 1 episode in a session without graph capture ([] if that fails
+        too; the refusal then says what ONNX Runtime said)."""
+        import onnxruntime as ort
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="hsnet-ort-placement-") as tmp:
+                opts = session_options("all", self.threads, profile_prefix=os.path.join(tmp, "ort"))
+                providers = [("CUDAExecutionProvider", cuda_provider_options(self.ep_options, False)),
+                             "CPUExecutionProvider"]
+                session = ort.InferenceSession(self.model_path, opts, providers=providers)
+                size = int(self.info.img_size)
+                shapes = {"query_img": (1, 3, size, size), "support_imgs": (1, 1, 3, size, size),
+                          "support_masks": (1, 1, size, size)}
+                dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
+                session.run(list(OUTPUT_NAMES), {n: np.zeros(s, dtypes.get(n, np.float32)) for n, s in shapes.items()})
+                with open(session.end_profiling()) as trace:
+                    return nodes_off_cuda(json.load(trace))
+        except Exception:  # noqa: BLE001 - a diagnosis that fails must not hide the refusal itself
+            return []
 
     def activate_impl(self) -> None:
         self.session = self._open_session()
