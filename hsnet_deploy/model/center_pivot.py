@@ -78,10 +78,8 @@ class CenterPivotConv4d(nn.Module):
         return self.conv1.bias, self.conv2.bias
 
     def support_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """conv2 with the bias `branch_biases` gives it."""
-        if not self.single_bias:
-            return self.conv2(x)
-        return F.conv2d(x, self.conv2.weight, self.summed_bias, self.conv2.stride, self.conv2.padding)
+        """conv2 with the bias `branch_biases` gives it (its own in eager mode: exactly `self.conv2(x)`)."""
+        return F.conv2d(x, self.conv2.weight, self.branch_biases()[1], self.conv2.stride, self.conv2.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.support_stride
@@ -112,9 +110,7 @@ class CenterPivotConv4d(nn.Module):
 
     def batched_query_conv(self, images: torch.Tensor) -> torch.Tensor:
         """conv1 over a batch of (C, Hq, Wq) maps, with the bias `branch_biases` gives it."""
-        if not self.single_bias:
-            return self.conv1(images)
-        return F.conv2d(images, self.conv1.weight, None, self.conv1.stride, self.conv1.padding)
+        return F.conv2d(images, self.conv1.weight, self.branch_biases()[0], self.conv1.stride, self.conv1.padding)
 
     def dense_support_conv(self, hs: int, ws: int) -> tuple[torch.Tensor, torch.Tensor]:
         """conv2 over an (hs, ws) support grid written as one 1x1 conv over (hs*ws*C) channels.

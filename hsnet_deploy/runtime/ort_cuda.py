@@ -111,8 +111,10 @@ def nodes_off_cuda(profile_events: list[dict]) -> list[str]:
         args = event.get("args") or {}
         if event.get("cat") != "Node" or not args.get("provider") or args["provider"] == "CUDAExecutionProvider":
             continue
-        name = str(event.get("name", "")).removesuffix("_kernel_time").removesuffix("_fence_before")
-        seen.setdefault(name.removesuffix("_fence_after"), str(args.get("op_name", "?")))
+        name = str(event.get("name", ""))
+        for suffix in ("_kernel_time", "_fence_before", "_fence_after"):  # one node, up to three events
+            name = name.removesuffix(suffix)
+        seen.setdefault(name, str(args.get("op_name", "?")))
     return [f"{name} ({op})" for name, op in seen.items()]
 
 

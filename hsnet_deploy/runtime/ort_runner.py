@@ -101,8 +101,10 @@ class OrtRunner(Runner):
                 size = int(self.info.img_size)
                 shapes = {"query_img": (1, 3, size, size), "support_imgs": (1, 1, 3, size, size),
                           "support_masks": (1, 1, size, size)}
-                dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
-                session.run(list(OUTPUT_NAMES), {n: np.zeros(s, dtypes.get(n, np.float32)) for n, s in shapes.items()})
+                dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32
+                          for i in session.get_inputs()}
+                feed = {n: np.zeros(shape, dtypes.get(n, np.float32)) for n, shape in shapes.items()}
+                session.run(list(OUTPUT_NAMES), feed)
                 with open(session.end_profiling()) as trace:
                     return nodes_off_cuda(json.load(trace))
         except Exception:  # noqa: BLE001 - a diagnosis that fails must not hide the refusal itself
