@@ -260,10 +260,10 @@ def test_device_io_latency_times_infer_device_with_the_episode_already_on_the_de
 def test_capture_refusal_still_speaks_when_the_placement_run_fails(ort, monkeypatch):
     monkeypatch.setattr(FakeSession, "cpu_nodes", True)
 
-    def broken(self, output_names, feed):
+    def broken(self, binding, run_options=None):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(FakeSession, "run", broken)
+    monkeypatch.setattr(FakeSession, "run_with_iobinding", broken)
     with pytest.raises(UserError, match="cannot capture this model in a CUDA graph") as info, \
             OrtRunner("m.onnx", META, "cuda", cuda_graph=True):
         pass

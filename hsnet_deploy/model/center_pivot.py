@@ -64,12 +64,13 @@ class CenterPivotConv4d(nn.Module):
         self.conv2 = nn.Conv2d(in_channels, out_channels, kernel_size, stride=support_stride, padding=pad)
         self.support_stride = support_stride
 
-    def prepare_single_bias(self) -> None:
-        """Export: one bias for the block, conv1's added into conv2's. The branches are summed, so the sum
-        is the same; ONNX Runtime's CUDA EP adds each Conv's bias in a kernel of its own (a pass over the
-        block's output), which the other branch then saves."""
-        self.register_buffer("summed_bias", (self.conv1.bias + self.conv2.bias).detach(), persistent=False)
-        self.single_bias = True
+    def prepare_single_bias(self, on: bool = True) -> None:
+        """Export: one bias for the block, conv1's added into conv2's (`on`), or each its own. The branches are
+        summed, so the sum is the same; ONNX Runtime's CUDA EP adds each Conv's bias in a kernel of its own
+        (a pass over the block's output), which the other branch then saves."""
+        self.single_bias = on
+        if on:
+            self.register_buffer("summed_bias", (self.conv1.bias + self.conv2.bias).detach(), persistent=False)
 
     def branch_biases(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(conv1's bias, conv2's bias) as the export applies them."""

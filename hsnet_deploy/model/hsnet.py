@@ -95,10 +95,7 @@ class HSNet(nn.Module):
             if isinstance(module, CenterPivotConv4d):
                 module.export_layout = True
                 module.dilated_query = layout.dilated_query_conv
-                if layout.single_bias:
-                    module.prepare_single_bias()
-                else:
-                    module.single_bias = False
+                module.prepare_single_bias(layout.single_bias)
         if layout.support_major_mixing:  # after single_bias: the dense conv2 takes the block's one bias
             self.hpn_learner.prepare_support_major(squeezed_support_side(self.backbone_name, height)[0],
                                                    squeezed_support_side(self.backbone_name, width)[0])

@@ -64,49 +64,53 @@ class OrtRunner(Runner):
         if device == "cuda":
             self.info.details.update({"cuda_graph": cuda_graph, "cuda_ep": cuda_options})
 
-    def _providers(self) -> list:
+    def _providers(self, cuda_graph: bool) -> list:
         have = available_providers()
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in have:
                 raise UserError(f"{self.model_path}: ONNX Runtime has no CUDA provider here; {GPU_INSTALL}")
-            return [("CUDAExecutionProvider", cuda_provider_options(self.ep_options, self.cuda_graph)),
+            return [("CUDAExecutionProvider", cuda_provider_options(self.ep_options, cuda_graph)),
                     "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _open_session(self, profile_prefix: str | None = None):
+    def _open_session(self, profile_prefix: str | None = None, cuda_graph: bool | None = None):
+        """A session with this runner's options; `cuda_graph` False opens it without capture (profiles)."""
         import onnxruntime as ort
 
+        graph = self.cuda_graph if cuda_graph is None else cuda_graph
         opts = session_options("all", self.threads, profile_prefix=profile_prefix)
         try:
-            return ort.InferenceSession(self.model_path, opts, providers=self._providers())
+            return ort.InferenceSession(self.model_path, opts, providers=self._providers(graph))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for bad files
-            if self.cuda_graph and "graph" in str(exc).lower():
+            if graph and "graph" in str(exc).lower():
                 raise capture_refusal(self.model_path, exc, self._nodes_off_cuda()) from None
             raise UserError(f"{self.model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from None
 
-    def _nodes_off_cuda(self) -> list[str]:
-        """The nodes this model runs outside the CUDA EP with these EP options, for the capture refusal: one
-        profiled run of an all-zero B = K = 1 episode in a session without graph capture ([] if that fails
-        too; the refusal then says what ONNX Runtime said)."""
-        import onnxruntime as ort
+    def _profiled_events(self, feed: dict[str, np.ndarray], runs: int) -> list[dict]:
+        """ONNX Runtime's profile of `runs` calls on `feed`, in a separate session without graph capture (a
+        replayed graph has no per-node events); the trace goes to a temporary folder, removed after."""
+        with tempfile.TemporaryDirectory(prefix="hsnet-ort-profile-") as tmp:
+            session = self._open_session(profile_prefix=os.path.join(tmp, "ort"), cuda_graph=False)
+            fixed_io = FixedIoBinding(session, False, what=self.model_path) if self.device == "cuda" else None
+            for _ in range(runs):
+                if fixed_io is None:
+                    session.run(list(OUTPUT_NAMES), feed)
+                else:
+                    fixed_io.run_host(feed)
+            with open(session.end_profiling()) as fh:
+                return json.load(fh)
 
+    def _nodes_off_cuda(self) -> list[str]:
+        """The nodes this model runs outside the CUDA EP with these EP options, for the capture refusal: the
+        profile of one run of an all-zero B = K = 1 episode ([] if that fails too; the refusal then says what
+        ONNX Runtime said)."""
+        size = int(self.info.img_size)
+        shapes = {"query_img": (1, 3, size, size), "support_imgs": (1, 1, 3, size, size),
+                  "support_masks": (1, 1, size, size)}
         try:
-            with tempfile.TemporaryDirectory(prefix="hsnet-ort-placement-") as tmp:
-                opts = session_options("all", self.threads, profile_prefix=os.path.join(tmp, "ort"))
-                providers = [("CUDAExecutionProvider", cuda_provider_options(self.ep_options, False)),
-                             "CPUExecutionProvider"]
-                session = ort.InferenceSession(self.model_path, opts, providers=providers)
-                size = int(self.info.img_size)
-                shapes = {"query_img": (1, 3, size, size), "support_imgs": (1, 1, 3, size, size),
-                          "support_masks": (1, 1, size, size)}
-                dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32
-                          for i in session.get_inputs()}
-                feed = {n: np.zeros(shape, dtypes.get(n, np.float32)) for n, shape in shapes.items()}
-                session.run(list(OUTPUT_NAMES), feed)
-                with open(session.end_profiling()) as trace:
-                    return nodes_off_cuda(json.load(trace))
+            return nodes_off_cuda(self._profiled_events({n: np.zeros(s, np.float32) for n, s in shapes.items()}, 1))
         except Exception:  # noqa: BLE001 - a diagnosis that fails must not hide the refusal itself
             return []
 
@@ -140,16 +144,7 @@ class OrtRunner(Runner):
         stage_of = stage_of_node(self.meta)
         if self.cuda_graph or not stage_of:
             return None
-        with tempfile.TemporaryDirectory(prefix="hsnet-ort-profile-") as tmp:
-            session = self._open_session(profile_prefix=os.path.join(tmp, "ort"))
-            fixed_io = FixedIoBinding(session, False, what=self.model_path) if self.device == "cuda" else None
-            for _ in range(runs + 1):
-                if fixed_io is None:
-                    session.run(list(OUTPUT_NAMES), feed)
-                else:
-                    fixed_io.run_host(feed)
-            with open(session.end_profiling()) as fh:
-                events = json.load(fh)
+        events = self._profiled_events(feed, runs + 1)
         per_stage: dict[str, float] = defaultdict(float)
         run_index = -1
         for event in events:
