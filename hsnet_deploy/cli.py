@@ -11,6 +11,7 @@ import click
 
 from hsnet_deploy.defaults import default_artifact, quiet_exporters
 from hsnet_deploy.errors import GateFailure, UserError
+from hsnet_deploy.termination import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 BACKBONE_CHOICE = click.Choice(["vgg16", "resnet50", "resnet101"])
 
@@ -375,8 +376,8 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
 
         err.print(f"Report: {write_bench_report(record, report_path) / 'index.html'}")
     if suite.interrupted:
-        err.print("[yellow]Interrupted: the figures above are what was measured before Ctrl-C.[/]")
-        sys.exit(130)
+        err.print("[yellow]Interrupted: the figures above are what was measured before the stop.[/]")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _open_runner(artifact, device, backbone, threads, img_size=None):
@@ -457,7 +458,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     except (KeyboardInterrupt, click.exceptions.Abort):
         err.print(f"[yellow]Interrupted.[/] The totals of the finished episodes are saved in {state}; resume "
                   f"with:\n  {preflight.resume_command()}")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
     names = {"fss": "FSS-1000", "pascal": f"PASCAL-5i fold {fold}", "coco": f"COCO-20i fold {fold}"}
     out.print(f"[bold]{names[dataset]}, {shots}-shot, {result.episodes} episodes[/]")  # a line: never wrapped
@@ -651,12 +652,22 @@ def triton_repo(artifact, output, max_batch, instances, kind, accelerator, queue
 
 def main() -> None:
     """Entry point: UserError -> `Error: ...` exit 2; failed gate -> exit 1; anything else -> exit 1, no traceback
-    unless HSNET_DEPLOY_DEBUG is set."""
+    unless HSNET_DEPLOY_DEBUG is set. Ctrl-C exits 130; SIGTERM takes the same paths and exits 143."""
+    with sigterm_as_interrupt() as signals:
+        try:
+            _run_cli()
+        except SystemExit as exc:
+            if signals.received and exc.code == EXIT_INTERRUPTED:
+                raise SystemExit(EXIT_TERMINATED) from None
+            raise
+
+
+def _run_cli() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:  # click's form of Ctrl-C (and of SIGTERM, see termination.py)
+        click.echo("Terminated (SIGTERM)." if isinstance(exc.__cause__, Terminated) else "Aborted.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -666,9 +677,9 @@ def main() -> None:
     except GateFailure as exc:
         click.echo(f"Failed: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        click.echo("Terminated (SIGTERM)." if isinstance(exc, Terminated) else "Interrupted.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as such
         if os.environ.get("HSNET_DEPLOY_DEBUG"):
             traceback.print_exc()

@@ -1,0 +1,101 @@
+"""SIGTERM (timeout, a scheduler, docker stop) takes Ctrl-C's paths: temporary files go, partial figures stay."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+import pytest
+from conftest import EXPORT_SIZE, run_cli
+
+
+def _sigterm_self():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs at the next bytecode; this stands in for work that goes on
+
+
+def test_sigterm_during_export_removes_its_temporary_export_and_exits_143(tmp_path, monkeypatch):
+    from hsnet_deploy.export import onnx_export
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen = []
+
+    def trace_then_stop(model, path, *a, **k):
+        path.write_bytes(b"partial")  # what a trace leaves in the temporary folder
+        seen.append(path.parent.parent == scratch)
+        _sigterm_self()
+        raise AssertionError("SIGTERM did not interrupt the export")
+
+    monkeypatch.setattr(onnx_export, "_trace", trace_then_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    target = tmp_path / "m.onnx"
+    code, _, err = run_cli("export", "--backbone", "resnet50", "--img-size", str(EXPORT_SIZE), "-o", str(target))
+    assert seen == [True]
+    assert code == 143 and "Terminated (SIGTERM)." in err and "Traceback" not in err
+    assert list(scratch.iterdir()) == [] and not target.exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the entry point puts the previous handler back
+
+
+def test_sigterm_during_bench_keeps_what_was_measured(exported, tmp_path, monkeypatch):
+    from hsnet_deploy.runtime.ort_runner import OrtRunner
+
+    path, _, _ = exported("resnet50")
+    calls = {"n": 0}
+    real = OrtRunner.infer_impl
+
+    def infer_then_stop(self, feed):
+        out = real(self, feed)
+        calls["n"] += 1
+        if calls["n"] == 4:  # cold call, one warm-up, one timed call, and the stop inside the second
+            _sigterm_self()
+        return out
+
+    monkeypatch.setattr(OrtRunner, "infer_impl", infer_then_stop)
+    report = tmp_path / "bench.json"
+    code, _, err = run_cli("bench", str(path), "--iters", "5", "--warmup", "2", "--no-stages",
+                             "--json", str(report))
+    assert code == 143, err
+    assert "measured before the stop" in " ".join(err.split())
+    rows = {r["label"]: r for r in json.loads(report.read_text())["results"]}
+    assert rows["pytorch-cpu fp32"]["iters"] == 5
+    assert rows["onnxruntime-cpu fp32"]["iters"] == 1 and rows["onnxruntime-cpu fp32"]["note"] == "interrupted"
+
+
+def test_ctrl_c_still_exits_130(monkeypatch):
+    from hsnet_deploy import cli
+
+    def interrupted(*a, **k):
+        raise click.exceptions.Abort() from KeyboardInterrupt()  # what click makes of Ctrl-C
+
+    monkeypatch.setattr(cli.cli, "main", interrupted)
+    code, _, err = run_cli("bench")
+    assert code == 130 and "Aborted." in err and "Terminated" not in err
+
+
+def test_a_real_sigterm_cleans_up_a_running_export(tmp_path):
+    """The signal from outside, as `timeout` sends it, while the export's temporary folder exists."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    target = tmp_path / "m.onnx"
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "hsnet_deploy", "export", "--backbone", "resnet50",
+                             "--img-size", str(EXPORT_SIZE), "-o", str(target)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not any(p.name.startswith("hsnet-export-") for p in scratch.iterdir()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the export never made its temporary folder: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Terminated (SIGTERM)." in err and "Traceback" not in err
+    assert not any(p.name.startswith("hsnet-export-") for p in scratch.iterdir())
+    assert not target.exists()
