@@ -95,9 +95,16 @@ def test_query_upsample_without_permutes_matches_interpolate():
 
 
 @pytest.mark.parametrize("shots,masked", [(1, True), (2, True), (2, False)])
-def test_export_correlation_writes_the_same_pyramid(shots, masked):
+def test_export_correlation_writes_the_same_pyramid(shots, masked, monkeypatch):
     """Joint normalisation with the mask as a factor, zero-row padded supports and the pruned MatMul give
     the eager path's pyramid (split, mask, normalise, MatMul) and its pruned slices."""
+    real_pad, pads = F.pad, []
+
+    def pad_spy(x, pad, *a, **k):
+        pads.append((x.dim(), tuple(pad)))
+        return real_pad(x, pad, *a, **k)
+
+    monkeypatch.setattr(F, "pad", pad_spy)
     torch.manual_seed(shots)
     b, img = 2, 40
     stage_sizes, channels, sides = (1, 2, 1), (8, 6, 4), (13, 5, 10)  # C4, C3, C2: each grid > channels
@@ -116,6 +123,8 @@ def test_export_correlation_writes_the_same_pyramid(shots, masked):
     plain = hypercorrelation(list(query), support, shots, stage_sizes)
     staged = hypercorrelation_for_export(feats, b, shots, masks if masked else None, resize, stage_sizes, blocks)
     assert all(isinstance(s, HaloInput) for s in staged)  # 13 -> 14, 5 -> 8, 10 -> 12 rows
+    # each zero-row pad is a 4D (maps, C, h, w) pad along h alone, ONNX Runtime CUDA's own Pad kernel's case
+    assert pads == [(4, (0, 0, 0, 1)), (4, (0, 0, 0, 3)), (4, (0, 0, 0, 2))]
     for want, got, (_, stride) in zip(plain, staged, blocks):
         _close(got.plain, want)
         if masked:  # support positions whose resized mask is exactly 0 correlate to exactly 0
