@@ -203,6 +203,13 @@ def ort_part(matrix: Matrix, model, feeds, args) -> None:
         measure(matrix, f"onnxruntime-cuda {precision} graph",
                 lambda p=path: open_artifact(p, "cuda", cuda_graph=True), feeds, args, check,
                 extra={"cuda_graph": True})
+    # NHWC is where cuDNN's FP16 (and TF32) convolutions find tensor-core kernels; with prefer_nhwc=1 some nodes
+    # fall back to the CPU EP and graph capture is refused (the sweep's entry below says which), so these run
+    # without a graph: is NHWC worth making those nodes CUDA-only?
+    for precision, path in variants:
+        measure(matrix, f"onnxruntime-cuda {precision} prefer_nhwc=1",
+                lambda p=path: open_artifact(p, "cuda", ep_options={"prefer_nhwc": "1"}), feeds, args,
+                refs if precision == "fp32" else None, extra={"cuda_graph": False, "ep_options": {"prefer_nhwc": "1"}})
     for option in ep_sweep():
         label = ",".join(f"{k}={v}" for k, v in option.items())
         measure(matrix, f"onnxruntime-cuda fp32 graph {label}",
