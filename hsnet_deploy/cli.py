@@ -282,7 +282,8 @@ def _print_gate(report, json_path: str | None = None) -> None:
 @click.option("--warmup", default=3, show_default=True, help="Untimed calls first (the first one is the cold call).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to run (auto: CUDA where a backend can use it, else CPU).")
-@click.option("--threads", type=int, default=None, help="CPU threads for every runner [default: all cores].")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for every runner [default: all cores].")
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
 @click.option("--img-size", default=400, show_default=True, help="Image size of the embedded default model.")
 @click.option("--stages/--no-stages", default=True, show_default=True, help="Per-stage time breakdown.")
@@ -404,7 +405,7 @@ def _open_runner(artifact, device, backbone, threads, img_size=None):
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to run (auto: CUDA where the backend can use it).")
-@click.option("--threads", type=int, help="CPU threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads [default: all cores].")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False),
               help="Partial totals, saved as the run goes [default: ARTIFACT.eval-state.json].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its --state file.")
@@ -493,7 +494,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 @click.option("--backbone", type=BACKBONE_CHOICE, help="For an authors' checkpoint given as ARTIFACT.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to run (auto: CUDA where the backend can use it).")
-@click.option("--threads", type=int, help="CPU threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads [default: all cores].")
 @click.option("--json", "json_path", type=click.Path(), help="Write what was segmented as JSON too.")
 @max_pixels_option
 def predict(artifact, query, supports, output, overlay_path, backbone, device, threads, json_path):

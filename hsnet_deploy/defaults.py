@@ -27,7 +27,9 @@ def default_artifact(img_size: int) -> Path:
     import sys
 
     from hsnet_deploy.console import err
+    from hsnet_deploy.model.hsnet import check_image_size
 
+    check_image_size("resnet50", img_size, img_size)  # bad input is the caller's Error:, not a failed child
     path = CACHE_DIR / f"default-resnet50-{img_size}-seed0.onnx"
     if path.exists():
         return path
@@ -35,8 +37,18 @@ def default_artifact(img_size: int) -> Path:
     err.print(f"Exporting the embedded default (resnet50, SEEDED RANDOM weights, {img_size}x{img_size}) "
               f"to {path} once ...")
     # In a child process: the export's memory stays out of the peak memory the benchmark reports.
-    done = subprocess.run([sys.executable, "-m", "hsnet_deploy", "export", "--backbone", "resnet50", "--seed", "0",
-                           "--img-size", str(img_size), "-o", str(path)], check=False, stdout=subprocess.DEVNULL)
-    if done.returncode != 0 or not path.exists():
-        raise GateFailure(f"the embedded default could not be exported (exit status {done.returncode})")
+    child = subprocess.Popen([sys.executable, "-m", "hsnet_deploy", "export", "--backbone", "resnet50", "--seed", "0",
+                              "--img-size", str(img_size), "-o", str(path)], stdout=subprocess.DEVNULL)
+    try:
+        returncode = child.wait()
+    except BaseException:
+        # Ctrl-C or SIGTERM here: SIGTERM lets the child remove its temporary files (SIGKILL would not).
+        child.terminate()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    if returncode != 0 or not path.exists():
+        raise GateFailure(f"the embedded default could not be exported (exit status {returncode})")
     return path

@@ -186,3 +186,19 @@ def test_eval_on_a_synthetic_fss_root_and_resume(exported, tmp_path):
     assert not (tmp_path / "full.json.eval-state.json").exists()
     code, _, err = run_cli("eval", str(path), "--dataset", "pascal", "--data-root", str(root))
     assert code == 2 and "VOC2012" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "--threads", "-1"], "Invalid value for '--threads': -1 is not in the range x>=1"),
+    (["bench", "--threads", "0"], "Invalid value for '--threads': 0 is not in the range x>=1"),
+    (["eval", "m.onnx", "--dataset", "fss", "--data-root", ".", "--threads", "-1"], "'--threads': -1"),
+    (["predict", "m.onnx", "--query", "q.jpg", "--support", "s.jpg", "s.png", "-o", "o.png", "--threads", "0"],
+     "'--threads': 0"),
+    # the embedded default's size is checked here, not by the export child it would start
+    (["bench", "--img-size", "0"], "image height 0: too small for resnet50 (at least 32)"),
+])
+def test_bad_thread_counts_and_default_sizes_exit_2(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(*args)
+    assert code == 2 and message in err, err
+    assert "Internal error" not in err and "Failed" not in err and not list(tmp_path.iterdir())

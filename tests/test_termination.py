@@ -99,3 +99,37 @@ def test_a_real_sigterm_cleans_up_a_running_export(tmp_path):
     assert "Terminated (SIGTERM)." in err and "Traceback" not in err
     assert not any(p.name.startswith("hsnet-export-") for p in scratch.iterdir())
     assert not target.exists()
+
+
+def test_a_stop_while_the_default_exports_lets_the_export_child_clean_up(tmp_path, monkeypatch):
+    """bench's embedded default is exported by a child process: a stop sends it SIGTERM (its own cleanup runs),
+    not the SIGKILL subprocess.run would send, and waits for it."""
+    import subprocess
+
+    from hsnet_deploy import defaults
+    from hsnet_deploy.termination import Terminated
+
+    events = []
+
+    class Child:
+        def __init__(self, cmd, **kwargs):
+            events.append("start")
+
+        def wait(self, timeout=None):
+            if events == ["start"]:
+                events.append("stop arrives")
+                raise Terminated
+            events.append(f"wait {timeout}")
+            return -signal.SIGTERM
+
+        def terminate(self):
+            events.append("terminate")
+
+        def kill(self):
+            events.append("kill")
+
+    monkeypatch.setattr(defaults, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    with pytest.raises(KeyboardInterrupt):
+        defaults.default_artifact(64)
+    assert events == ["start", "stop arrives", "terminate", "wait 60"]
