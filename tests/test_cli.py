@@ -44,6 +44,37 @@ def test_export_rejects_a_file_that_is_no_checkpoint(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_checkpoint_holding_python_objects_is_refused_without_unsafe_advice(tmp_path):
+    import collections
+
+    import torch
+
+    bad = tmp_path / "best_model.pt"
+    torch.save({"state_dict": collections.OrderedDict(), "args": argparse_namespace()}, bad)
+    code, _, err = run_cli("export", "--backbone", "resnet50", "--checkpoint", str(bad), "-o", str(tmp_path / "m.onnx"))
+    text = " ".join(err.split())
+    assert code == 2 and "best_model.pt: holds Python objects beyond tensors" in text and "Namespace" in text
+    assert "weights_only" not in text and "save the model's state_dict instead" in text
+    assert not (tmp_path / "m.onnx").exists()
+    junk = tmp_path / "photo.pt"
+    junk.write_bytes(bytes([0xFF, 0xD8, 0xFF, 0xE0]) * 8)  # a JPEG's first bytes
+    code, _, err = run_cli("export", "--backbone", "resnet50", "--checkpoint", str(junk), "-o", str(tmp_path / "m.onnx"))
+    text = " ".join(err.split())
+    assert code == 2 and "photo.pt: not a readable PyTorch checkpoint (" in text and "weights_only" not in text
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(bad.read_bytes()[:100])  # a zip checkpoint cut short: torch's first sentence says what broke
+    code, _, err = run_cli("export", "--backbone", "resnet50", "--checkpoint", str(cut), "-o", str(tmp_path / "m.onnx"))
+    text = " ".join(err.split())
+    assert code == 2 and "cut.pt: not a readable PyTorch checkpoint (PytorchStreamReader failed reading zip" in text
+    assert text.rstrip().endswith(")")  # one sentence, not a cut-off paragraph
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=0.001)
+
+
 def test_interrupted_export_write_leaves_no_file(tmp_path, monkeypatch):
     from hsnet_deploy.export import onnx_export
     from hsnet_deploy.model import seeded_model

@@ -37,8 +37,21 @@ def _read(path: Path) -> object:
         # legacy (non-zip) serialisation too, which is what the authors' files use.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle a user's file is bad input, not a bug
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first[:200]})") from None
+        raise UserError(_load_failure(path, exc)) from None
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """torch's weights-only refusal opens with advice to load with weights_only=False (running the file's
+    pickled code); the user needs its cause instead, which follows "WeightsUnpickler error:"."""
+    text = str(exc).strip()
+    cause = text.splitlines()[0] if text else type(exc).__name__
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        cause = rest.splitlines()[0].split(". Please use", 1)[0].strip() if rest else cause
+        if cause.startswith("Unsupported global"):
+            return (f"{path}: holds Python objects beyond tensors and plain containers ({cause[:160]}); "
+                    f"hsnet-deploy never runs a file's pickled code: save the model's state_dict instead")
+    return f"{path}: not a readable PyTorch checkpoint ({cause.split('. ', 1)[0][:200]})"
 
 
 def guess_backbone(keys: list[str]) -> str | None:
