@@ -133,3 +133,22 @@ def test_a_stop_while_the_default_exports_lets_the_export_child_clean_up(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         defaults.default_artifact(64)
     assert events == ["start", "stop arrives", "terminate", "wait 60"]
+
+
+def test_sigterm_during_eval_says_where_the_state_is_and_exits_143(exported, tmp_path, monkeypatch):
+    from synthetic_datasets import make_fss
+
+    from hsnet_deploy.data import evaluate as evaluate_module
+
+    model, _, _ = exported("resnet50")
+    root = make_fss(tmp_path / "data")
+
+    def stopped(*a, **k):
+        _sigterm_self()
+        raise AssertionError("SIGTERM did not interrupt eval")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", stopped)
+    state = tmp_path / "state.json"
+    code, _, err = run_cli("eval", str(model), "--dataset", "fss", "--data-root", str(root), "--state", str(state))
+    text = " ".join(err.split())
+    assert code == 143 and f"saved in {state}" in text and "--resume" in text and "Traceback" not in text
