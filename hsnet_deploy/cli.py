@@ -11,7 +11,7 @@ import click
 
 from hsnet_deploy.defaults import default_artifact, quiet_exporters
 from hsnet_deploy.errors import GateFailure, UserError
-from hsnet_deploy.termination import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from hsnet_deploy.termination import EXIT_INTERRUPTED, EXIT_TERMINATED, SignalState, sigterm_as_interrupt
 
 BACKBONE_CHOICE = click.Choice(["vgg16", "resnet50", "resnet101"])
 
@@ -656,18 +656,18 @@ def main() -> None:
     unless HSNET_DEPLOY_DEBUG is set. Ctrl-C exits 130; SIGTERM takes the same paths and exits 143."""
     with sigterm_as_interrupt() as signals:
         try:
-            _run_cli()
+            _run_cli(signals)
         except SystemExit as exc:
             if signals.received and exc.code == EXIT_INTERRUPTED:
                 raise SystemExit(EXIT_TERMINATED) from None
             raise
 
 
-def _run_cli() -> None:
+def _run_cli(signals: SignalState) -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort as exc:  # click's form of Ctrl-C (and of SIGTERM, see termination.py)
-        click.echo("Terminated (SIGTERM)." if isinstance(exc.__cause__, Terminated) else "Aborted.", err=True)
+    except click.exceptions.Abort:  # click's form of Ctrl-C (and of SIGTERM, see termination.py)
+        click.echo("Terminated (SIGTERM)." if signals.received else "Aborted.", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
@@ -678,8 +678,8 @@ def _run_cli() -> None:
     except GateFailure as exc:
         click.echo(f"Failed: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt as exc:
-        click.echo("Terminated (SIGTERM)." if isinstance(exc, Terminated) else "Interrupted.", err=True)
+    except KeyboardInterrupt:
+        click.echo("Terminated (SIGTERM)." if signals.received else "Interrupted.", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as such
         if os.environ.get("HSNET_DEPLOY_DEBUG"):

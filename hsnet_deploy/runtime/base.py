@@ -19,9 +19,15 @@ import numpy as np
 
 from hsnet_deploy.artifacts import INPUT_NAMES, OUTPUT_NAMES
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "Runner", "RunnerInfo"]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "Runner", "RunnerInfo", "input_shapes"]
 STAGES = ("backbone", "correlation", "learner", "decoder", "other")
 AUTHORS_IMG_SIZE = 400  # an eager checkpoint takes any valid size; the authors evaluate at 400
+
+
+def input_shapes(batch, shots, height: int, width: int) -> dict[str, tuple]:
+    """The contract's input shapes for B episodes of K shots at H x W."""
+    return {"query_img": (batch, 3, height, width), "support_imgs": (batch, shots, 3, height, width),
+            "support_masks": (batch, shots, height, width)}
 
 
 @dataclass

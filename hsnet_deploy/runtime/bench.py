@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hsnet_deploy.artifacts import INPUT_NAMES
-from hsnet_deploy.runtime.base import Runner
+from hsnet_deploy.runtime.base import Runner, input_shapes
 from hsnet_deploy.runtime.memory import peak_rss_bytes, reset_peak_rss
 
 PERCENTILES = (50, 90, 95, 99)
@@ -184,12 +184,13 @@ def machine_info() -> dict:
 def random_feed(batch: int, shots: int, img_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A fixed random episode with filled-square support masks (timing does not depend on content)."""
     rng = np.random.default_rng(seed)
-    masks = np.zeros((batch, shots, img_size, img_size), np.float32)
+    shapes = input_shapes(batch, shots, img_size, img_size)
+    masks = np.zeros(shapes["support_masks"], np.float32)
     lo, hi = img_size // 4, 3 * img_size // 4
     masks[..., lo:hi, lo:hi] = 1.0
     return {
-        "query_img": rng.standard_normal((batch, 3, img_size, img_size), dtype=np.float32),
-        "support_imgs": rng.standard_normal((batch, shots, 3, img_size, img_size), dtype=np.float32),
+        "query_img": rng.standard_normal(shapes["query_img"], dtype=np.float32),
+        "support_imgs": rng.standard_normal(shapes["support_imgs"], dtype=np.float32),
         "support_masks": masks,
     }
 

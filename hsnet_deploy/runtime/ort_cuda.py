@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from hsnet_deploy.errors import UserError
-from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES
+from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES, input_shapes
 
 # The CUDA EP options this project exposes, with the values ONNX Runtime accepts, and the defaults chosen by
 # measurement on an H200 (docs/benchmarks.md, "GPU, H200"): HEURISTIC algorithm choice was as fast as
@@ -87,6 +87,9 @@ def check_cuda_graph_request(device: str, providers: Iterable[str], what: str) -
                         "(pip install onnxruntime-gpu)")
 
 
+SHOWN_NODES = 8
+
+
 def capture_refusal(what: str, exc: BaseException, off_cuda: list[str] | None = None) -> UserError:
     """ONNX Runtime refuses graph capture when a node runs outside the CUDA EP (CPU-only ops, control flow);
     `off_cuda` names those nodes where a profiled run could tell (`nodes_off_cuda`), the first few of them."""
@@ -100,21 +103,15 @@ def capture_refusal(what: str, exc: BaseException, off_cuda: list[str] | None = 
                      "run it without --cuda-graph")
 
 
-SHOWN_NODES = 8
-
-
 def nodes_off_cuda(profile_events: list[dict]) -> list[str]:
     """'name (OpType)' of each node that ONNX Runtime's profile shows running on another EP than CUDA, in
     the order of their first run: what keeps a session from capturing a CUDA graph."""
     seen: dict[str, str] = {}
     for event in profile_events:
-        args = event.get("args") or {}
-        if event.get("cat") != "Node" or not args.get("provider") or args["provider"] == "CUDAExecutionProvider":
-            continue
-        name = str(event.get("name", ""))
-        for suffix in ("_kernel_time", "_fence_before", "_fence_after"):  # one node, up to three events
-            name = name.removesuffix(suffix)
-        seen.setdefault(name, str(args.get("op_name", "?")))
+        args, name = event.get("args") or {}, str(event.get("name", ""))
+        if event.get("cat") == "Node" and name.endswith("_kernel_time") \
+                and args.get("provider") not in (None, "CUDAExecutionProvider"):
+            seen.setdefault(name.removesuffix("_kernel_time"), str(args.get("op_name", "?")))
     return [f"{name} ({op})" for name, op in seen.items()]
 
 
@@ -132,7 +129,7 @@ def feed_shapes(feed: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes = {n: tuple(int(d) for d in feed[n].shape) for n in INPUT_NAMES}
     b, k = shapes["support_imgs"][:2] if len(shapes["support_imgs"]) == 5 else (None, None)
     h, w = shapes["query_img"][-2:]
-    expected = {"query_img": (b, 3, h, w), "support_imgs": (b, k, 3, h, w), "support_masks": (b, k, h, w)}
+    expected = input_shapes(b, k, h, w)
     if b is None or any(shapes[n] != expected[n] for n in INPUT_NAMES):
         raise UserError(f"input shapes {shapes} do not fit query (B, 3, H, W), supports (B, K, 3, H, W), "
                         "masks (B, K, H, W)")

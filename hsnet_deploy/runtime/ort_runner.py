@@ -11,7 +11,7 @@ import numpy as np
 
 from hsnet_deploy.artifacts import stage_of_node
 from hsnet_deploy.errors import UserError
-from hsnet_deploy.runtime.base import OUTPUT_NAMES, Runner, RunnerInfo
+from hsnet_deploy.runtime.base import OUTPUT_NAMES, Runner, RunnerInfo, input_shapes
 from hsnet_deploy.runtime.ort_cuda import (
     FixedIoBinding,
     capture_refusal,
@@ -107,10 +107,9 @@ class OrtRunner(Runner):
         profile of one run of an all-zero B = K = 1 episode ([] if that fails too; the refusal then says what
         ONNX Runtime said)."""
         size = int(self.info.img_size)
-        shapes = {"query_img": (1, 3, size, size), "support_imgs": (1, 1, 3, size, size),
-                  "support_masks": (1, 1, size, size)}
+        zeros = {n: np.zeros(s, np.float32) for n, s in input_shapes(1, 1, size, size).items()}
         try:
-            return nodes_off_cuda(self._profiled_events({n: np.zeros(s, np.float32) for n, s in shapes.items()}, 1))
+            return nodes_off_cuda(self._profiled_events(zeros, 1))
         except Exception:  # noqa: BLE001 - a diagnosis that fails must not hide the refusal itself
             return []
 

@@ -27,7 +27,7 @@ from hsnet_deploy.artifacts import (
     write_json_atomic,
 )
 from hsnet_deploy.errors import UserError
-from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES
+from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES, input_shapes
 from hsnet_deploy.runtime.trt_common import (
     BUILDER_NOTE,
     TRT_INSTALL,
@@ -164,14 +164,8 @@ def profile_shapes(
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) per input: one profile over B in [1, max_batch] and K in [1, max_shots]."""
 
-    def shapes(batch: int, shots: int) -> dict[str, tuple[int, ...]]:
-        return {
-            "query_img": (batch, 3, height, width),
-            "support_imgs": (batch, shots, 3, height, width),
-            "support_masks": (batch, shots, height, width),
-        }
-
-    lo, opt, hi = shapes(1, 1), shapes(opt_batch, opt_shots), shapes(max_batch, max_shots)
+    lo, opt, hi = (input_shapes(b, k, height, width) for b, k in ((1, 1), (opt_batch, opt_shots),
+                                                                  (max_batch, max_shots)))
     return {name: (lo[name], opt[name], hi[name]) for name in INPUT_NAMES}
 
 
