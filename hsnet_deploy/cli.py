@@ -500,14 +500,20 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 def predict(artifact, query, supports, output, overlay_path, backbone, device, threads, json_path):
     """Segment in QUERY the object shown in the support images (K = number of --support pairs).
 
-    Masks may be palette PNGs, 0/1 or 0/255 grayscale (>= 128 is foreground). The supports are read and
-    preprocessed once for every query in a folder.
+    Masks may be palette PNGs, 0/1 or 0/255 grayscale (>= 128 is foreground). Photos are read as viewers
+    show them (turned by their EXIF orientation), so masks lie on them as shown. The supports are read and
+    preprocessed once for every query in a folder; every query's header is checked before the first runs.
     """
     from hsnet_deploy import predict as predict_lib
-    from hsnet_deploy.console import err, out, progress_bar
+    from hsnet_deploy.console import err, progress_bar
+    from hsnet_deploy.data.preprocess import check_image_header
 
-    queries = predict_lib.list_queries(query)
-    inputs = [("ARTIFACT", artifact), *[(f"--support {img}", p) for img, mask in supports for p in (img, mask)]]
+    for img, mask in supports:  # headers only: a wrong file is an Error before the model loads
+        check_image_header(img)
+        check_image_header(mask, "mask")
+    queries = predict_lib.list_queries(query, supports)
+    inputs = [("ARTIFACT", artifact), *[(f"--support {role}", p) for pair in supports
+                                         for role, p in zip(("image", "mask"), pair, strict=True)]]
     mask_fn, overlay_fn = predict_lib.output_paths(output, overlay_path, queries, Path(query).is_dir(), inputs,
                                                    [("--json", json_path)])
     runner = _open_runner(artifact, device, backbone, threads)
@@ -518,14 +524,34 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
         err.print(f"[yellow]Warning: {path}: the support mask is empty; that shot cannot show the object[/]")
     for line in loaded.warnings:
         err.print(f"[yellow]Warning: {line}[/]")
-    with runner, progress_bar(transient=len(queries) == 1) as bar:
-        task = bar.add_task("predict", total=len(queries), status="")
-        records = predict_lib.predict(runner, queries, loaded, img_size, mask_fn, overlay_fn,
-                                      tick=lambda: bar.advance(task))
+    for line in loaded.notes:
+        err.print(f"[dim]note: {line}[/]")
+    records: list[dict] = []
+    try:
+        with runner, progress_bar(transient=len(queries) == 1) as bar:
+            task = bar.add_task("predict", total=len(queries), status="")
+            predict_lib.predict(runner, queries, loaded, img_size, mask_fn, overlay_fn,
+                                tick=lambda: bar.advance(task), written=records)
+    except (UserError, KeyboardInterrupt, click.exceptions.Abort):
+        if records:  # the finished queries' files are written: say which, and keep their JSON
+            _print_predictions(records)
+            err.print(f"Stopped after {len(records)} of {len(queries)} queries: their masks are written.")
+            write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "complete": False,
+                                   "results": records}, "predictions so far")
+        raise
+    _print_predictions(records)
+    write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "complete": True, "results": records},
+               "predictions")
+
+
+def _print_predictions(records: list[dict]) -> None:
+    from hsnet_deploy.console import err, out
+
     for r in records:
         out.print(f"{r['query']} -> {r['mask']}  foreground {100 * r['foreground_fraction']:.1f}%"
                   + (f", overlay {r['overlay']}" if "overlay" in r else ""))
-    write_json(json_path, {"artifact": str(artifact), "shots": len(supports), "results": records}, "predictions")
+        for note in r.get("notes", []):
+            err.print(f"[dim]note: {note}[/]")
 
 
 def _support_pairs(pairs):
@@ -645,6 +671,9 @@ def triton_repo(artifact, output, max_batch, instances, kind, accelerator, queue
     from hsnet_deploy.console import out
     from hsnet_deploy.serve.triton import write_triton_repo
 
+    if kind == "cpu" and accelerator != "none" and "--accelerator" in _options_given():
+        raise UserError(f"--accelerator {accelerator} with --kind cpu: Triton's GPU execution accelerators need GPU "
+                        "instances; drop --accelerator or use --kind gpu")
     repo = write_triton_repo(artifact, output, max_batch=max_batch, instances=instances, kind=kind,
                              accelerator=accelerator if kind == "gpu" else "none", queue_delay_us=queue_delay_us)
     out.print(f"[green]Wrote[/] {repo.config_path} and {repo.model_path} ({repo.platform}, max_batch_size "

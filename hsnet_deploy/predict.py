@@ -14,6 +14,8 @@ from PIL import Image
 
 from hsnet_deploy.artifacts import atomic_path
 from hsnet_deploy.data.preprocess import (
+    check_image_header,
+    fit_mask_to_image,
     image_to_tensor,
     load_binary_mask,
     load_image,
@@ -22,7 +24,7 @@ from hsnet_deploy.data.preprocess import (
 )
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.model import mask_at_size
-from hsnet_deploy.outputs import check_output_folder, check_outputs, unique_names
+from hsnet_deploy.outputs import check_output_folder, check_outputs, same_path, unique_names
 from hsnet_deploy.runtime.base import Runner
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -35,37 +37,43 @@ class Supports:
     masks: np.ndarray  # (K, S, S) float32 {0, 1}
     empty: list[str]  # mask files with no foreground (the caller warns)
     warnings: list[str] = field(default_factory=list)  # e.g. a mask that looks like a photo (the caller warns)
+    notes: list[str] = field(default_factory=list)  # e.g. a photo turned by its EXIF orientation (the caller says)
 
 
 def load_supports(pairs: list[tuple[str, str]], size: int) -> Supports:
-    """Read and preprocess the K (image, mask) pairs once; a mask must have its image's size."""
+    """Read and preprocess the K (image, mask) pairs once; a mask must have its image's size (as shown: photos
+    are turned by their EXIF orientation, `fit_mask_to_image`)."""
     if not pairs:
         raise UserError("at least one --support IMAGE MASK pair is needed")
-    images, masks, empty, notes = [], [], [], []
+    images, masks, empty, warnings, notes = [], [], [], [], []
     for img_path, mask_path in pairs:
-        img = load_image(img_path)
-        mask = load_binary_mask(mask_path, require_foreground=False, notes=notes)
-        width, height = original_size(img)
-        if mask.shape != (height, width):
-            raise UserError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {img_path} is "
-                            f"{width}x{height}")
+        img = load_image(img_path, orient=True, notes=notes)
+        mask = load_binary_mask(mask_path, require_foreground=False, notes=warnings, orient=True)
+        mask = fit_mask_to_image(mask, img, str(mask_path), str(img_path), notes)
         if not mask.any():
             empty.append(str(mask_path))
         images.append(image_to_tensor(img, size).numpy())
         masks.append(mask_to_tensor(mask, size).numpy())
-    return Supports(np.stack(images), np.stack(masks), empty, notes)
+    return Supports(np.stack(images), np.stack(masks), empty, warnings, notes)
 
 
-def list_queries(query: str) -> list[Path]:
+def list_queries(query: str, supports: Sequence[tuple[str, str]] = ()) -> list[Path]:
+    """The query image, or a folder's images (hidden files and the --support files themselves left out), each
+    header checked now, so that a damaged file stops the command before any query runs, not half-way."""
     path = Path(query)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        support_files = [Path(p) for pair in supports for p in pair]
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                       and p.is_file() and not any(same_path(p, s) for s in support_files))
         if not found:
             raise UserError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
-        return found
-    if not path.is_file():
+    elif not path.is_file():
         raise UserError(f"{path}: query image not found")
-    return [path]
+    else:
+        found = [path]
+    for image in found:
+        check_image_header(image)
+    return found
 
 
 def mask_at_original_size(logits: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -97,12 +105,18 @@ def predict(
     mask_out: Callable[[Path], Path],
     overlay_out: Callable[[Path], Path] | None = None,
     tick: Callable[[], None] = lambda: None,
+    written: list[dict] | None = None,
 ) -> list[dict]:
-    """Run each query against the same supports; write its mask PNG (0/255) and optionally its overlay."""
+    """Run each query against the same supports; write its mask PNG (0/255) and optionally its overlay.
+
+    A query photo is turned by its EXIF orientation first (its record's `notes` say so): the mask then lies on
+    the photo as viewers show it. Each query's record is appended to `written` as soon as its files are
+    written, so a caller stopped half-way still holds the finished ones."""
     feed_supports = {"support_imgs": supports.images[None], "support_masks": supports.masks[None]}
-    written = []
+    written = [] if written is None else written
     for query in queries:
-        img = load_image(query)
+        notes: list[str] = []
+        img = load_image(query, orient=True, notes=notes)
         feed = {"query_img": image_to_tensor(img, size).numpy()[None], **feed_supports}
         logits = runner.infer(feed)["logits"][0]
         mask = mask_at_original_size(logits.astype(np.float32), img.height, img.width)
@@ -113,9 +127,12 @@ def predict(
         out = mask_out(query)
         save_image(mask_img, out)
         record = {"query": str(query), "mask": str(out), "foreground_fraction": float(mask.mean()),
-                  "size": list(size_on_disk), "seconds": runner.inference_times[-1]}
+                  "size": list(size_on_disk), "width": size_on_disk[0], "height": size_on_disk[1],
+                  "seconds": runner.inference_times[-1]}
         if size_on_disk != img.size:
             record["decoded_size"] = [img.width, img.height]
+        if notes:
+            record["notes"] = notes
         if overlay_out is not None:
             record["overlay"] = str(overlay_out(query))
             save_image(overlay(img, mask), overlay_out(query))

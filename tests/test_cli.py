@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -185,6 +186,76 @@ def test_predict_folder_of_queries(exported, tmp_path):
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q0.png", "q1.png", "q2.png"]
     assert Image.open(tmp_path / "out" / "q2.png").size == (56, 40)
+
+
+def test_predict_folder_checks_every_query_before_the_first_runs(exported, tmp_path):
+    """A damaged file among the queries stops the command before any mask is written (it used to surface at its
+    turn, after the masks of the files before it); hidden files and the --support files themselves are no
+    queries."""
+    path, _, _ = exported("resnet50")
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    _write_pair(qdir, "q0")
+    _write_pair(qdir, "q1")
+    (qdir / "q0.png").unlink()
+    (qdir / "q1.png").unlink()
+    (qdir / "q2.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    s, m = _write_pair(qdir, "s")  # the supports live in the query folder too
+    code, _, err = run_cli("predict", str(path), "--query", str(qdir), "--support", s, m, "-o", str(tmp_path / "out"))
+    assert code == 2 and "q2.jpg: cannot read image" in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (qdir / "q2.jpg").rename(qdir / ".q2.jpg")  # hidden: not a query
+    code, _, err = run_cli("predict", str(path), "--query", str(qdir), "--support", s, m, "-o", str(tmp_path / "out"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q0.png", "q1.png"]
+
+
+def test_predict_stopped_half_way_lists_the_masks_written(exported, tmp_path, monkeypatch):
+    """Ctrl-C after the first of two queries: exit 130, its mask kept and its record in --json (complete: false)."""
+    import hsnet_deploy.predict as predict_lib
+
+    path, _, _ = exported("resnet50")
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    for name in ("a", "b"):
+        _write_pair(qdir, name)
+        (qdir / f"{name}.png").unlink()
+    s, m = _write_pair(tmp_path, "s")
+    real_load = predict_lib.load_image
+
+    def load_or_stop(image, **kwargs):
+        if Path(image).name == "b.jpg":
+            raise KeyboardInterrupt
+        return real_load(image, **kwargs)
+
+    monkeypatch.setattr(predict_lib, "load_image", load_or_stop)
+    report = tmp_path / "p.json"
+    code, out, err = run_cli("predict", str(path), "--query", str(qdir), "--support", s, m, "-o", str(tmp_path / "out"),
+                             "--json", str(report))
+    assert code == 130, err
+    assert "Stopped after 1 of 2 queries" in err and "a.jpg" in out
+    data = json.loads(report.read_text())
+    assert data["complete"] is False and [Path(r["query"]).name for r in data["results"]] == ["a.jpg"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+
+
+def test_predict_turns_a_phone_photo_by_its_exif_orientation(exported, tmp_path):
+    """A query stored 70x50 with EXIF orientation 6 is shown 50x70: its mask and overlay come out 50x70 (they lie on
+    the photo as viewers show it), and the JSON says it was turned."""
+    path, _, _ = exported("resnet50")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    query = tmp_path / "phone.jpg"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(
+        query, exif=exif.tobytes())
+    s, m = _write_pair(tmp_path, "s")
+    out, over, report = tmp_path / "mask.png", tmp_path / "over.png", tmp_path / "p.json"
+    code, _, err = run_cli("predict", str(path), "--query", str(query), "--support", s, m, "-o", str(out),
+                           "--overlay", str(over), "--json", str(report))
+    assert code == 0, err
+    assert Image.open(out).size == (50, 70) and Image.open(over).size == (50, 70)
+    record = json.loads(report.read_text())["results"][0]
+    assert (record["width"], record["height"]) == (50, 70) and "EXIF orientation (6)" in record["notes"][0]
 
 
 def test_predict_bad_inputs(exported, tmp_path):

@@ -126,6 +126,23 @@ def test_fss_missing_support_image_is_user_error_naming_it(tmp_path):
         fss_episodes(tmp_path)
 
 
+def test_fss_without_any_query_image_is_user_error_not_zero_episodes(tmp_path):
+    """Images named .jpeg (not the authors' <n>.jpg) give no episode: an error, not "mIoU 0.00" from 0 episodes."""
+    make_fss(tmp_path, classes=("apple", "Boat"), n_images=10)
+    for jpg in (tmp_path / "FSS-1000").rglob("*.jpg"):
+        jpg.rename(jpg.with_suffix(".jpeg"))
+    with pytest.raises(UserError, match=r"FSS-1000: no query image in its 2 class folder\(s\).*not \.jpeg"):
+        fss_episodes(tmp_path)
+
+
+def test_fss_class_folder_without_images_is_named_in_a_note(tmp_path):
+    make_fss(tmp_path, classes=("apple", "Boat"), n_images=10)
+    (tmp_path / "FSS-1000" / "empty_class").mkdir()
+    eset = fss_episodes(tmp_path)
+    assert {e.class_name for e in eset.episodes} == {"apple", "Boat"}
+    assert any("1 class folder(s) hold no <n>.jpg and give no episode: empty_class" in n for n in eset.notes)
+
+
 def test_fss_root_given_as_the_dataset_folder_itself(fss_root):
     a = fss_episodes(fss_root)
     b = fss_episodes(fss_root / "FSS-1000")

@@ -6,11 +6,13 @@ from PIL import Image
 
 from hsnet_deploy.data.preprocess import (
     binary_mask,
+    fit_mask_to_image,
     image_to_tensor,
     load_binary_mask,
     load_image,
     load_mask,
     mask_to_tensor,
+    original_size,
 )
 from hsnet_deploy.errors import UserError
 
@@ -173,3 +175,84 @@ def test_load_image_converts_to_rgb(tmp_path):
     path = _save(tmp_path, "grey.png", Image.fromarray(np.full((3, 4), 9, np.uint8)))
     img = load_image(path)
     assert img.mode == "RGB" and img.size == (4, 3)
+
+
+def test_deep_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 16-bit grey PNG used to become white (`convert('RGB')` clips at 255): now it reads as the 8-bit image it
+    encodes (value * 257), and the 32-bit modes by their values' range."""
+    eight = np.random.default_rng(2).integers(0, 256, size=(9, 13), dtype=np.uint8)
+    sixteen = _save(tmp_path, "g16.png", Image.fromarray(eight.astype(np.uint16) * 257))
+    assert Image.open(sixteen).mode == "I;16"
+    expected = np.repeat(eight[..., None], 3, axis=2)
+    np.testing.assert_array_equal(np.asarray(load_image(sixteen)), expected)
+    unit_float = _save(tmp_path, "f01.tiff", Image.fromarray(eight.astype(np.float32) / 255))
+    np.testing.assert_array_equal(np.asarray(load_image(unit_float)), expected)
+    byte_float = _save(tmp_path, "f255.tiff", Image.fromarray(eight.astype(np.float32)))
+    np.testing.assert_array_equal(np.asarray(load_image(byte_float)), expected)
+    wild = _save(tmp_path, "wild.tiff", Image.fromarray(np.full((4, 4), -3.0, np.float32)))
+    with pytest.raises(UserError, match=r"wild.tiff: image values range -3\.\.-3"):
+        load_image(wild)
+
+
+def _exif_jpeg(tmp_path, name: str, pixels: np.ndarray, orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / name
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=100, subsampling=0)
+    return path
+
+
+def test_photos_are_turned_by_their_exif_orientation_only_when_asked(tmp_path):
+    """Orientation 6 (a phone held upright) is shown turned 90 degrees clockwise: np.rot90(k=-1) of the stored
+    pixels. The dataset readers keep the stored pixels, as the authors' loader does."""
+    stored = np.zeros((30, 40, 3), np.uint8)
+    stored[:10, :20] = 250  # a bright block in the stored top-left corner
+    path = _exif_jpeg(tmp_path, "upright.jpg", stored, 6)
+    plain = load_image(path)
+    assert plain.size == (40, 30)
+    notes = []
+    shown = load_image(path, orient=True, notes=notes)
+    assert shown.size == (30, 40) and original_size(shown) == (30, 40)
+    expected = np.rot90(np.asarray(plain), k=-1)
+    assert np.abs(np.asarray(shown).astype(int) - expected).max() == 0
+    assert len(notes) == 1 and "upright.jpg" in notes[0] and "(6)" in notes[0]
+    level = _exif_jpeg(tmp_path, "level.jpg", stored, 1)
+    notes = []
+    assert load_image(level, orient=True, notes=notes).size == (40, 30) and notes == []
+
+
+def test_a_support_mask_is_fitted_to_its_turned_photo(tmp_path):
+    """A mask drawn on the photo as shown fits as it is; one of the stored pixels' size (drawn on the unturned
+    pixels) is turned with the photo; any other size is an error naming both files and the turn."""
+    path = _exif_jpeg(tmp_path, "s.jpg", np.zeros((30, 40, 3), np.uint8), 6)
+    photo = load_image(path, orient=True)
+    as_shown = np.zeros((40, 30), np.float32)
+    as_shown[:5, :] = 1
+    assert fit_mask_to_image(as_shown, photo, "m.png", "s.jpg") is as_shown
+    on_stored = np.zeros((30, 40), np.float32)
+    on_stored[:, :7] = 1  # the stored left columns: the top rows once turned clockwise
+    notes = []
+    turned = fit_mask_to_image(on_stored, photo, "m.png", "s.jpg", notes)
+    np.testing.assert_array_equal(turned, np.rot90(on_stored, k=-1))
+    assert turned[:7].all() and not turned[7:].any() and "stored size" in notes[0]
+    with pytest.raises(UserError, match=r"m.png: mask is 20x20 but its image s.jpg is 30x40 as shown \(EXIF"):
+        fit_mask_to_image(np.zeros((20, 20), np.float32), photo, "m.png", "s.jpg")
+
+
+def test_black_and_white_palette_masks_and_16_bit_masks(tmp_path):
+    """Pillow's `convert('P')` of a 0/255 mask puts white at index 255: with no other index, 255 is the
+    foreground (not VOC's border). A VOC mask keeps its rule. A 16-bit 0/65535 mask reads as 0/255."""
+    fg = np.zeros((6, 8), bool)
+    fg[2:5, 3:7] = True
+    bw = _save(tmp_path, "bw.png", Image.fromarray(fg.astype(np.uint8) * 255).convert("P"))
+    assert Image.open(bw).mode == "P"
+    np.testing.assert_array_equal(load_binary_mask(bw), fg.astype(np.float32))
+    voc = np.where(fg, 15, 0).astype(np.uint8)
+    voc[0] = 255
+    voc_img = Image.fromarray(voc, mode="P")
+    voc_img.putpalette([0, 0, 0] * 256)
+    np.testing.assert_array_equal(load_binary_mask(_save(tmp_path, "voc.png", voc_img)), fg.astype(np.float32))
+    deep = _save(tmp_path, "m16.png", Image.fromarray(fg.astype(np.uint16) * 65535))
+    np.testing.assert_array_equal(load_binary_mask(deep), fg.astype(np.float32))
+    with pytest.raises(UserError, match="m16.png: mask values range 0..65535"):
+        load_mask(deep)  # a label map keeps its values: 65535 is no label

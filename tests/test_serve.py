@@ -87,6 +87,7 @@ def service(exported, tmp_path_factory):
             proc.kill()
             proc.wait()
         ray.shutdown()
+    assert proc.returncode == 130, f"serve stopped by Ctrl-C exited {proc.returncode}:\n{log.read_text()[-3000:]}"
 
 
 def register(url, pairs) -> requests.Response:
@@ -216,6 +217,9 @@ def test_bad_requests_get_status_and_json_error(service, files):
            "support_set")
     expect(requests.post(f"{url}/segment", data={"x": "1"}, timeout=30), 400, "support_set")
     expect(segment(url, ok_id, img.read_bytes(), "gif"), 400, "format='gif'")
+    two_images = [("image", ("a.png", img.read_bytes(), "image/png")), ("image", ("b.png", img.read_bytes(), "image/png"))]
+    expect(requests.post(f"{url}/segment", files=two_images, data={"support_set": ok_id}, timeout=30), 400,
+           "2 `image` fields")
     expect(requests.get(f"{url}/nowhere", timeout=30), 404, "Not Found")
     # the service is unharmed
     assert segment(url, ok_id, img.read_bytes()).status_code == 200

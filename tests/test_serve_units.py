@@ -119,3 +119,105 @@ def test_port_in_use_is_refused_before_ray_starts():
         port = busy.getsockname()[1]
         with pytest.raises(UserError, match=f"--port {port}: cannot listen there"):
             check_port_free("127.0.0.1", port)
+
+
+def test_uploads_turn_phone_photos_by_their_exif_orientation():
+    """A query stored 30x20 with EXIF orientation 6 is answered at 20x30 (as viewers show it); a support mask fits
+    its turned photo either as shown or at the stored size (turned with it), like `predict`."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(buf, format="JPEG", exif=exif.tobytes())
+    photo = buf.getvalue()
+    _q, height, width = uploads.query(photo, 16, LIMITS)
+    assert (height, width) == (30, 20)
+    as_shown = np.zeros((30, 20), np.uint8)
+    as_shown[:10] = 255
+    on_stored = np.zeros((20, 30), np.uint8)
+    on_stored[:, :10] = 255  # the stored left third: the top third once turned clockwise
+    shown_set, _ = uploads.support_set([photo], [png(as_shown)], 16, LIMITS)
+    stored_set, _ = uploads.support_set([photo], [png(on_stored)], 16, LIMITS)
+    np.testing.assert_array_equal(shown_set.masks, stored_set.masks)
+    with pytest.raises(uploads.RequestError) as info:
+        uploads.support_set([photo], [png(np.zeros((25, 25), np.uint8))], 16, LIMITS)
+    assert "mask 1 is 25x25 but image 1 is 20x30 as shown (EXIF orientation)" in info.value.message
+
+
+class _FakeRay:
+    """`ray` and `ray.serve` for run_service: ray.init puts its own SIGTERM handler in place, as Ray's core worker
+    does; serve.run records the handlers in force and may raise; shutdown records SIGINT's handler then."""
+
+    def __init__(self, run_raises=None):
+        import types
+
+        self.run_raises, self.seen = run_raises, {}
+        self.serve = types.SimpleNamespace(start=lambda **_kw: None, run=self._run, shutdown=self._shutdown,
+                                           delete=lambda _name: None)
+
+    def init(self, **_kw):
+        import signal
+        import types
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stands for Ray's C-level handler (dump and abort)
+        return types.SimpleNamespace(address_info={"gcs_address": "127.0.0.1:1"})
+
+    def _run(self, *_args, **_kw):
+        import signal
+
+        self.seen["sigterm_while_serving"] = signal.getsignal(signal.SIGTERM)
+        if self.run_raises:
+            raise self.run_raises
+
+    def _shutdown(self):
+        import signal
+
+        self.seen["sigint_while_stopping"] = signal.getsignal(signal.SIGINT)
+
+    def shutdown(self):
+        self.seen["ray_shutdown"] = True
+
+
+def _run_with_fake_ray(monkeypatch, fake, **kwargs):
+    import signal
+    import types
+
+    from hsnet_deploy.serve import launch
+
+    monkeypatch.setattr(launch, "import_ray", lambda: (fake, fake.serve))
+    monkeypatch.setitem(sys.modules, "multipart", types.ModuleType("multipart"))
+    monkeypatch.setitem(sys.modules, "hsnet_deploy.serve.app", types.SimpleNamespace(build_app=lambda *a: "app"))
+    monkeypatch.setattr(launch, "check_port_free", lambda *_a: None)
+    config = types.SimpleNamespace(threads=None, artifact="m.onnx", max_batch=8)
+
+    def python_handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, python_handler)
+    try:
+        launch.run_service(config, host="127.0.0.1", port=1, replicas=1, gpus_per_replica=0, address=None,
+                           say=lambda _m: None, **kwargs)
+    finally:
+        after = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
+    return python_handler, after
+
+
+def test_serve_keeps_the_python_sigterm_handler_over_rays(monkeypatch):
+    """Ray's core worker replaced the entry point's SIGTERM handler, so SIGTERM aborted the service (exit 134, a
+    stack dump) instead of stopping it (143): run_service puts the Python handler back after ray.init."""
+    fake = _FakeRay()
+    python_handler, after = _run_with_fake_ray(monkeypatch, fake, stop_after_s=0.01)
+    assert fake.seen["sigterm_while_serving"] is python_handler and after is python_handler
+    assert fake.seen["ray_shutdown"]
+
+
+def test_serve_stopped_by_an_interrupt_stops_ray_then_passes_it_on(monkeypatch):
+    """Ctrl-C (and SIGTERM, raised as an interrupt) used to end `serve` with exit 0; now the service is shut down,
+    with a second Ctrl-C ignored meanwhile, and the interrupt reaches the entry point (exit 130 / 143)."""
+    import signal
+
+    fake = _FakeRay(run_raises=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _run_with_fake_ray(monkeypatch, fake)
+    assert fake.seen["sigint_while_stopping"] is signal.SIG_IGN and fake.seen["ray_shutdown"]
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN

@@ -60,6 +60,10 @@ def test_cuda_and_cpu_variants(exported, tmp_path):
     config = parse(tmp_path / "cpu" / "hsnet" / "config.pbtxt")
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
     assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+    # an accelerator asked for on CPU instances would be dropped without a word: refused instead
+    code, _, err = run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "cpu2"), "--kind", "cpu",
+                           "--accelerator", "cuda")
+    assert code == 2 and "--accelerator cuda with --kind cpu" in err and not (tmp_path / "cpu2").exists()
 
 
 def test_plan_repo_takes_the_profile_batch(exported, tmp_path):

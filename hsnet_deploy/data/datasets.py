@@ -199,12 +199,24 @@ def fss_episodes(
         notes.append(f"no splits/{split_rel}: every one of the {len(categories)} class folders is a test class")
 
     queries: list[tuple[int, Path]] = []  # (class index, query image)
+    without_queries = []
     for cls, name in enumerate(categories):
         class_dir = _require_dir(base / name, "FSS-1000/<class>/<n>.jpg")
         # The authors glob '<class>/*' (no dot files), sort the paths and keep names whose second
         # dot-separated part is 'jpg'.
         files = sorted(f for f in os.listdir(class_dir) if not f.startswith("."))
-        queries += [(cls, class_dir / f) for f in files if len(f.split(".")) > 1 and f.split(".")[1] == "jpg"]
+        found = [(cls, class_dir / f) for f in files if len(f.split(".")) > 1 and f.split(".")[1] == "jpg"]
+        queries += found
+        if not found:
+            without_queries.append(name)
+    if not queries:
+        raise UserError(f"{base}: no query image in its {len(categories)} class folder(s); FSS-1000 images are "
+                        "<class>/<n>.jpg (the authors' reader takes names whose second dot-separated part is 'jpg': "
+                        "not .jpeg, not .JPG)")
+    if without_queries:
+        shown = ", ".join(without_queries[:5]) + (f" and {len(without_queries) - 5} more" if len(without_queries) > 5
+                                                  else "")
+        notes.append(f"{len(without_queries)} class folder(s) hold no <n>.jpg and give no episode: {shown}")
     n = _limit(len(queries), episodes)
     if n > len(queries):
         raise UserError(f"--episodes {n}: FSS-1000 {split} has {len(queries)} query images")

@@ -222,6 +222,10 @@ class HSNetAPI:
                 raise uploads.RequestError(400, f"format={format!r}: expected png or json")
             limits = await self.limits()
             form = await self.form(request, limits)
+            for field_name in ("image", "support_set"):
+                if len(form.getlist(field_name)) > 1:
+                    raise uploads.RequestError(400, f"{len(form.getlist(field_name))} `{field_name}` fields: "
+                                                    "/segment takes one query image and one support set a request")
             set_id = form.get("support_set")
             image = form.get("image")
             if not isinstance(set_id, str) or not set_id:

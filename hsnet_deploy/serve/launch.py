@@ -1,4 +1,4 @@
-"""Start or join Ray, deploy the application on Ray Serve's HTTP proxy, and keep it up until Ctrl-C.
+"""Start or join Ray, deploy the application on Ray Serve's HTTP proxy, and keep it up until Ctrl-C or SIGTERM.
 
 Without an address a local Ray is started (and stopped on exit); with one, the application is deployed on that
 cluster and removed from it on exit, leaving the cluster itself running.
@@ -6,11 +6,13 @@ cluster and removed from it on exit, leaving the cluster itself running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from hsnet_deploy.errors import UserError
 
@@ -49,18 +51,21 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
 
     if address is None:
         check_port_free(host, port)
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     try:
         context = ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,
                            log_to_driver=False, configure_logging=True)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UserError(f"--address {address}: cannot join the Ray cluster ({exc})") from None
+    finally:
+        # Ray's core worker puts its own C-level SIGTERM handler in place (a stack dump, then abort: exit 134);
+        # the Python one (the entry point's, termination.py) goes back, so SIGTERM stops the service cleanly.
+        if threading.current_thread() is threading.main_thread() and sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
     say(f"Ray: {'joined cluster ' + address if address else 'local instance'} at {context.address_info['gcs_address']}")
-    stop = {"now": False}
-
-    def on_signal(signum, frame):
-        stop["now"] = True
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C, and SIGTERM as the entry point turns it into one (termination.py), end the loop below through
+    # KeyboardInterrupt: the service is stopped, then the interrupt goes on to the entry point, whose exit
+    # status (130, 143) tells a supervisor the service was stopped, not that it finished.
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         cpus = float(config.threads or 1)
@@ -72,17 +77,29 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
         say(f"Serving {config.artifact} on http://{host}:{port} ({replicas} replica(s), batches of up to "
             f"{config.max_batch}); Ctrl-C stops")
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
-        while not stop["now"] and (deadline is None or time.monotonic() < deadline):
+        while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        say("Stopping ...")
-        try:
-            if address is None:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
-        finally:
-            ray.shutdown()
+        with interrupts_ignored():  # a second Ctrl-C must not cut the shutdown short and leave Ray running
+            say("Stopping ...")
+            try:
+                if address is None:
+                    serve.shutdown()
+                else:
+                    serve.delete(APP_NAME)
+            finally:
+                ray.shutdown()
+
+
+@contextlib.contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """SIGINT ignored within the block (main thread only: elsewhere Python cannot change handlers). SIGTERM needs
+    nothing here: the entry point already ignores every SIGTERM after the first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

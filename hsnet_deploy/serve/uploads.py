@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from hsnet_deploy.data.preprocess import image_to_tensor, load_binary_mask, load_image, mask_to_tensor
+from hsnet_deploy.data.preprocess import (
+    MaskSizeMismatch,
+    fit_mask_to_image,
+    image_to_tensor,
+    load_binary_mask,
+    load_image,
+    mask_to_tensor,
+)
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.serve.store import SupportSet
 
@@ -78,14 +85,20 @@ def support_set(images: list[bytes], masks: list[bytes], size: int, limits: Limi
     if len(images) != len(masks):
         raise RequestError(400, f"{len(images)} `image` fields but {len(masks)} `mask` fields; send one mask per image")
     if len(images) > limits.max_shots:
-        raise RequestError(400, f"K = {len(images)} support images, above this artifact's limit of {limits.max_shots}")
+        raise RequestError(400, f"K = {len(images)} support images, above this server's limit of {limits.max_shots} "
+                                "(serve --max-shots; a TensorRT plan's profile may lower it)")
     tensors, mask_tensors, empty = [], [], []
     for i, (img_bytes, mask_bytes) in enumerate(zip(images, masks, strict=True)):
-        img = _read(load_image, _checked(img_bytes, f"image {i + 1}", limits))
-        mask = _read(load_binary_mask, _checked(mask_bytes, f"mask {i + 1}", limits), require_foreground=False)
-        if mask.shape != (img.height, img.width):
-            raise RequestError(400, f"mask {i + 1} is {mask.shape[1]}x{mask.shape[0]} but image {i + 1} is "
-                                    f"{img.width}x{img.height}; a mask must have its image's size")
+        img = _read(load_image, _checked(img_bytes, f"image {i + 1}", limits), orient=True)
+        mask = _read(load_binary_mask, _checked(mask_bytes, f"mask {i + 1}", limits), require_foreground=False,
+                     orient=True)
+        try:
+            mask = fit_mask_to_image(mask, img, f"mask {i + 1}", f"image {i + 1}")
+        except MaskSizeMismatch as exc:
+            (mw, mh), (iw, ih) = exc.mask_size, exc.image_size
+            shown = " as shown (EXIF orientation)" if exc.turned else ""
+            raise RequestError(400, f"mask {i + 1} is {mw}x{mh} but image {i + 1} is {iw}x{ih}{shown}; a mask must "
+                                    "have its image's size") from None
         if not mask.any():
             empty.append(i + 1)
         tensors.append(image_to_tensor(img, size).numpy())
@@ -94,8 +107,9 @@ def support_set(images: list[bytes], masks: list[bytes], size: int, limits: Limi
 
 
 def query(data: bytes, size: int, limits: Limits) -> tuple[np.ndarray, int, int]:
-    """The query upload -> ((3, S, S) float32, height, width)."""
-    img = _read(load_image, _checked(data, "image", limits))
+    """The query upload -> ((3, S, S) float32, height, width), turned by its EXIF orientation as `predict` does:
+    the mask comes back at the size and orientation viewers show the photo in."""
+    img = _read(load_image, _checked(data, "image", limits), orient=True)
     return image_to_tensor(img, size).numpy(), img.height, img.width
 
 
