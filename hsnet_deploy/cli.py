@@ -429,7 +429,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     from hsnet_deploy.data.paper import PAPER_MIOU, paper_miou
 
     state = preflight.eval_state_path(artifact, state_path)
-    preflight.evaluate(artifact, state, json_path)
+    preflight.evaluate(artifact, state, json_path, resume)
     extremes = None
     if report_path:
         from hsnet_deploy.report import ExtremeEpisodes, require_plotting

@@ -170,6 +170,9 @@ def output_paths(
         return (lambda q: Path(output)), ((lambda q: Path(overlay_path)) if overlay_path else None)
     query_dir = [("--query", queries[0].parent)] if queries else []
     for label, folder in (("-o", output), ("--overlay", overlay_path)):
+        if folder and Path(folder).suffix.lower() in IMAGE_SUFFIXES and not Path(folder).is_dir():
+            raise UserError(f"{folder}: {label} names an image file, but --query is a folder: {label} is then the "
+                            "folder its files go to; give a folder path")
         if folder:
             check_output_folder(folder, label, [*query_dir, *inputs])
     mask_names = unique_names(queries, MASK_SUFFIX)

@@ -5,6 +5,7 @@ naming the option or file, raised before minutes of export, calibration or bench
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -84,8 +85,22 @@ def eval_state_path(artifact: str, state: str | None) -> str:
     return str(path)
 
 
-def evaluate(artifact: str, state: str, json_path: str | None) -> None:
+def evaluate(artifact: str, state: str, json_path: str | None, resume: bool = False) -> None:
+    """Outputs apart from the artifact, and an interrupted run's state never replaced unasked: without --resume
+    the first save would overwrite the totals a forgotten --resume could have continued from."""
     check_outputs([("--state", state), ("--json", json_path)], [("ARTIFACT", artifact)])
+    path = Path(state)
+    if resume or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        done, total = int(saved["next_episode"]), int(saved["settings"]["episodes"])
+        if saved.get("complete"):
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{state}: exists and is no evaluation state; move it away or give another --state") from None
+    raise UserError(f"{state}: holds an interrupted run ({done} of {total} episodes counted); continue it with "
+                    "--resume, or delete the file to start over")
 
 
 def resume_command(argv: list[str] | None = None) -> str:

@@ -210,6 +210,18 @@ def test_predict_folder_checks_every_query_before_the_first_runs(exported, tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["q0.png", "q1.png"]
 
 
+def test_predict_folder_query_refuses_an_image_name_as_output_folder(exported, tmp_path):
+    path, _, _ = exported("resnet50")
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    _write_pair(qdir, "q0")
+    (qdir / "q0.png").unlink()
+    s, m = _write_pair(tmp_path, "s")
+    code, _, err = run_cli("predict", str(path), "--query", str(qdir), "--support", s, m, "-o", str(tmp_path / "m.png"))
+    assert code == 2 and "m.png: -o names an image file, but --query is a folder" in err
+    assert not (tmp_path / "m.png").exists()
+
+
 def test_predict_stopped_half_way_lists_the_masks_written(exported, tmp_path, monkeypatch):
     """Ctrl-C after the first of two queries: exit 130, its mask kept and its record in --json (complete: false)."""
     import hsnet_deploy.predict as predict_lib
@@ -288,6 +300,20 @@ def test_eval_on_a_synthetic_fss_root_and_resume(exported, tmp_path):
     assert not (tmp_path / "full.json.eval-state.json").exists()
     code, _, err = run_cli("eval", str(path), "--dataset", "pascal", "--data-root", str(root))
     assert code == 2 and "VOC2012" in err
+
+
+def test_eval_keeps_an_interrupted_runs_state_unless_resumed(exported, tmp_path):
+    """Without --resume the first save replaced an interrupted run's totals; now that run's state is refused with
+    both ways on, and the file is left as it was."""
+    path, _, _ = exported("resnet50")
+    root = make_fss(tmp_path / "data")
+    state = tmp_path / "state.json"
+    text = json.dumps({"format": "hsnet-deploy-eval-state/1", "next_episode": 4, "complete": False,
+                       "settings": {"episodes": 30}})
+    state.write_text(text)
+    code, _, err = run_cli("eval", str(path), "--dataset", "fss", "--data-root", str(root), "--state", str(state))
+    assert code == 2 and "holds an interrupted run (4 of 30 episodes counted)" in err and "--resume" in err
+    assert state.read_text() == text
 
 
 @pytest.mark.parametrize("args,message", [

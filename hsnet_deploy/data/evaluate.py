@@ -187,9 +187,12 @@ def _load_state(path: Path, settings: dict) -> dict | None:
     if state["fingerprint"] != _fingerprint(settings):
         saved = state.get("settings", {})
         diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        values = [f"{k} {saved.get(k)} saved, {settings.get(k)} now" for k in diff
+                  if not k.endswith(("digest", "sha256")) and len(str(saved.get(k))) < 40]
         raise UserError(
-            f"{path}: saved by a run with other settings ({', '.join(diff)} differ); "
-            "run without resume to start over"
+            f"{path}: saved by a run with other settings ({', '.join(diff)} differ"
+            + (f": {'; '.join(values)}" if values else "") + "); resume with the saved settings (a resumed run "
+            "repeats the same calls, so its totals equal an uninterrupted run's), or delete the file to start over"
         )
     return state
 
