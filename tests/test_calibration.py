@@ -95,6 +95,36 @@ def test_mask_of_another_size_is_a_user_error(simple_dir):
         split_episodes(simple_dir, 11, 1)
 
 
+def test_phone_photos_in_a_calibration_folder_are_read_as_predict_reads_them(tmp_path):
+    """A support photo stored 40x30 with EXIF orientation 6 is 30x40 as shown: its mask fits drawn as shown or on
+    the stored pixels (both give the same support mask), and the photo reaches the model turned."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.random.default_rng(3).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    on_stored = np.zeros((30, 40), np.uint8)
+    on_stored[:, :12] = 255
+    samples = []
+    for name, mask in (("shown", np.rot90(on_stored, k=-1)), ("stored", on_stored)):
+        for episode in ("episode0", "episode1"):  # one for calibration, one for the gate
+            folder = tmp_path / name / episode
+            folder.mkdir(parents=True)
+            Image.fromarray(stored).save(folder / "query.jpg", exif=exif.tobytes(), quality=100)
+            Image.fromarray(stored).save(folder / "support1.jpg", exif=exif.tobytes(), quality=100)
+            Image.fromarray(np.ascontiguousarray(mask)).save(folder / "support1_mask.png")
+        split = split_episodes(tmp_path / name, calib_episodes=1, gate_episodes=1, seed=0)
+        samples.append(load_sample(split.calib[0], 32))
+    np.testing.assert_array_equal(samples[0].feed["support_masks"], samples[1].feed["support_masks"])
+    turned = np.rot90(np.asarray(Image.open(tmp_path / "shown" / "episode0" / "query.jpg")), k=-1)
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(turned)).resize((32, 32), Image.BILINEAR), np.float32)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    np.testing.assert_allclose(samples[0].feed["query_img"][0], ((expected / 255 - mean) / std).transpose(2, 0, 1),
+                               atol=1e-5)
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "shown" / "episode0" / "support1_mask.png")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "shown" / "episode1" / "support1_mask.png")
+    with pytest.raises(UserError, match=r"support1_mask.png: mask is 20x20 but its image support1.jpg is 30x40"):
+        split_episodes(tmp_path / "shown", calib_episodes=1, gate_episodes=1, seed=0)
+
+
 def test_mask_iou_and_sign_agreement_by_hand():
     a = np.array([[1, 1], [0, 0]], dtype=np.float32)
     b = np.array([[1, 0], [1, 0]], dtype=np.float32)

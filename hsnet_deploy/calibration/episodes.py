@@ -175,27 +175,40 @@ def split_episodes(
 
 
 def check_episode_files(ep: Episode) -> None:
-    """Every mask must be its image's size: a mismatch means a wrong pairing, not something to resize away."""
-    from PIL import Image
+    """Every mask must be its image's size: a mismatch means a wrong pairing, not something to resize away.
 
+    Headers only. A simple-layout folder holds a person's photos, read as `predict` reads them: sizes as shown
+    (EXIF orientation), and a mask of a turned photo's stored size fits too (`fit_mask_to_image`). Benchmark
+    files are compared as stored, as the authors' readers (which ignore EXIF) read them."""
     pairs = [(ep.query_image, ep.query_mask), *zip(ep.support_images, ep.support_masks)]
     for img, mask in pairs:
         if mask is None:
             continue
-        sizes = []
-        for path in (img, mask):
-            try:
-                with Image.open(path) as handle:  # reads the header only
-                    sizes.append(handle.size)
-            except FileNotFoundError:
-                raise UserError(f"{path}: file not found (episode {ep.name})") from None
-            except OSError as exc:
-                raise UserError(f"{path}: cannot read it as an image ({exc})") from None
-        if sizes[0] != sizes[1]:
+        (img_shown, img_turn), (mask_shown, mask_turn) = _header(img, ep), _header(mask, ep)
+        if ep.user_masks:
+            image_size = img_shown
+            fits = mask_shown == img_shown or (img_turn >= 5 and mask_shown == img_shown[::-1])
+        else:
+            image_size, mask_size = _stored(img_shown, img_turn), _stored(mask_shown, mask_turn)
+            fits, mask_shown = image_size == mask_size, mask_size
+        if not fits:
             raise UserError(
-                f"{mask}: mask is {sizes[1][0]}x{sizes[1][1]} but its image {img.name} is "
-                f"{sizes[0][0]}x{sizes[0][1]} (episode {ep.name})"
+                f"{mask}: mask is {mask_shown[0]}x{mask_shown[1]} but its image {img.name} is "
+                f"{image_size[0]}x{image_size[1]} (episode {ep.name})"
             )
+
+
+def _header(path: Path, ep: Episode) -> tuple[tuple[int, int], int]:
+    from hsnet_deploy.data.preprocess import shown_size
+
+    try:
+        return shown_size(path)
+    except UserError as exc:
+        raise UserError(f"{exc} (episode {ep.name})") from None
+
+
+def _stored(shown: tuple[int, int], turn: int) -> tuple[int, int]:
+    return (shown[1], shown[0]) if turn >= 5 else shown
 
 
 def load_sample(ep: Episode, size: int) -> EpisodeSample:

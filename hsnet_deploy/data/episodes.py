@@ -17,6 +17,7 @@ import torch
 
 from hsnet_deploy.data.preprocess import (
     IMG_SIZE,
+    fit_mask_to_image,
     image_to_tensor,
     load_binary_mask,
     load_image,
@@ -131,25 +132,31 @@ def load_episode(ep: Episode, size: int = IMG_SIZE) -> EpisodeTensors:
     for mask_path in ep.support_masks:
         fg, _ = _binarise(load_mask(mask_path, luminance=luminance), ep)  # ignore (255) -> background
         s_masks.append(mask_to_tensor(fg, size))
-    return _tensors(ep, size, s_masks, torch.from_numpy(q_fg_s), torch.from_numpy(q_ign_s),
-                    torch.from_numpy(q_fg), torch.from_numpy(q_ign))
+    return _tensors(load_image(ep.query_image), [load_image(p) for p in ep.support_images], size, s_masks,
+                    torch.from_numpy(q_fg_s), torch.from_numpy(q_ign_s), torch.from_numpy(q_fg), torch.from_numpy(q_ign))
 
 
 def _load_user_episode(ep: Episode, size: int) -> EpisodeTensors:
-    """A person's own masks, read as `predict` reads them; nothing is ignored."""
-    s_masks = [mask_to_tensor(load_binary_mask(p), size) for p in ep.support_masks]
+    """A person's own photos and masks (calibration folders), read as `predict` reads them: photos turned by their
+    EXIF orientation, each mask fitted to its photo; nothing is ignored."""
+    s_photos = [load_image(p, orient=True) for p in ep.support_images]
+    s_masks = [mask_to_tensor(fit_mask_to_image(load_binary_mask(m, orient=True), photo, str(m), str(p)), size)
+               for photo, p, m in zip(s_photos, ep.support_images, ep.support_masks, strict=True)]
+    query = load_image(ep.query_image, orient=True)
     if ep.query_mask is None:
-        return _tensors(ep, size, s_masks, None, None, None, None)
-    q_fg = load_binary_mask(ep.query_mask, require_foreground=False)
+        return _tensors(query, s_photos, size, s_masks, None, None, None, None)
+    q_fg = fit_mask_to_image(load_binary_mask(ep.query_mask, require_foreground=False, orient=True), query,
+                             str(ep.query_mask), str(ep.query_image))
     q_ign = np.zeros(q_fg.shape, dtype=bool)
-    return _tensors(ep, size, s_masks, mask_to_tensor(q_fg, size), torch.zeros((size, size), dtype=torch.bool),
-                    torch.from_numpy(q_fg), torch.from_numpy(q_ign))
+    return _tensors(query, s_photos, size, s_masks, mask_to_tensor(q_fg, size),
+                    torch.zeros((size, size), dtype=torch.bool), torch.from_numpy(q_fg), torch.from_numpy(q_ign))
 
 
-def _tensors(ep: Episode, size: int, s_masks: list[torch.Tensor], *query_truth) -> EpisodeTensors:
-    s_imgs = [image_to_tensor(load_image(p), size) for p in ep.support_images]
+def _tensors(query, supports: list, size: int, s_masks: list[torch.Tensor], *query_truth) -> EpisodeTensors:
+    """The episode's tensors from its decoded query and support images (PIL) and its resized masks."""
+    s_imgs = [image_to_tensor(img, size) for img in supports]
     return EpisodeTensors(
-        query_img=image_to_tensor(load_image(ep.query_image), size),
+        query_img=image_to_tensor(query, size),
         # np.stack, not torch.stack: loader threads stay off torch's intra-op pool (see image_to_tensor)
         support_imgs=torch.from_numpy(np.stack([t.numpy() for t in s_imgs])),
         support_masks=torch.from_numpy(np.stack([t.numpy() for t in s_masks])),

@@ -179,6 +179,14 @@ def orient_image(img: Image.Image, path: str | os.PathLike, notes: list[str] | N
     return turned
 
 
+def shown_size(path: str | os.PathLike, what: str = "image") -> tuple[tuple[int, int], int]:
+    """(width, height) as viewers show the file, and its EXIF orientation (1: none), from the header alone."""
+    with _reading(path, what), Image.open(path) as img:
+        turn = orientation(img)
+        width, height = img.size
+    return ((height, width) if turn >= 5 else (width, height)), turn
+
+
 def fit_mask_to_image(mask: np.ndarray, image: Image.Image, mask_name: str, image_name: str,
                       notes: list[str] | None = None) -> np.ndarray:
     """A support mask in its image's orientation as read, or an error naming both files.
