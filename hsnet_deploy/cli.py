@@ -124,6 +124,10 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
     from hsnet_deploy.model import ExportLayout, check_image_size
     from hsnet_deploy.preflight import export as check_export
 
+    if checkpoint and "--seed" in _options_given():
+        raise UserError("--seed gives random weights when no --checkpoint is given; with --checkpoint it would be "
+                        "ignored")
+
     quiet_exporters()
     check_output_path(output)
     check_export(output, json_path, checkpoint)
@@ -180,8 +184,9 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
 @click.option("--version-compatible", is_flag=True,
               help="tensorrt: a plan that later TensorRT versions and the 44 MB lean runtime can run.")
 @click.option("--tf32", is_flag=True, help="tensorrt: allow TF32 (off by default for FP32 parity).")
-@click.option("--calib-episodes", default=32, show_default=True, help="INT8: episodes to calibrate on (seeded draw).")
-@click.option("--gate-episodes", default=16, show_default=True,
+@click.option("--calib-episodes", default=32, show_default=True, type=click.IntRange(1),
+              help="INT8: episodes to calibrate on (seeded draw).")
+@click.option("--gate-episodes", default=16, show_default=True, type=click.IntRange(1),
               help="Held-out episodes for the accuracy gate (none shared with calibration).")
 @click.option("--fold", default=0, show_default=True, help="Fold, when --calib-data is a PASCAL/COCO layout.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the calibration / gate draw.")
@@ -235,6 +240,7 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
 
     precision = preflight.precision_flags(fp16, int8)
     preflight.build_options(backend, precision, _options_given())
+    preflight.variant_options(precision, calib_data, _options_given(), fp16_keep)
     preflight.build_engine(model, output, precision, backend, calib_data, variant_onnx, json_path, timing_cache)
     thresholds = {k: v for k, v in {
         "max_miou_drop": gate_max_miou_drop, "min_mean_agreement": gate_min_agreement,
@@ -260,12 +266,12 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
 
 def _print_gate(report, json_path: str | None = None) -> None:
     """The accuracy gate: one row per threshold with its verdict (the per-episode figures go to --json)."""
-    from hsnet_deploy.console import err, out, table
+    from hsnet_deploy.console import err, out, table, versus
 
     if report is None:
         return
     data = report.to_dict()
-    rows = [(c["name"], c["value"], f"{c['op']} {c['limit']}", c["status"]) for c in data["checks"]]
+    rows = [(c["name"], versus(c["value"], c["limit"]), f"{c['op']} {c['limit']}", c["status"]) for c in data["checks"]]
     # the title as a line of its own: a table title wraps at the (narrow) table's width
     out.print(f"accuracy gate: {data['precision']} vs FP32, {len(data['episodes'])} held-out episodes")
     out.print(table("", ["check", "value", "needs", "verdict"], rows))

@@ -54,6 +54,21 @@ def number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def versus(value: object, limit: object) -> str:
+    """A figure shown beside its threshold, with the digits that keep them apart: 0.99894 against 0.999 must not
+    read as 0.999 (nor 0.9999996 as 1), or a failed check would look passed."""
+    if not isinstance(value, int | float) or not isinstance(limit, int | float) or isinstance(value, bool):
+        return "-" if value is None else str(value)
+    def side(x: float) -> int:
+        return (x > limit) - (x < limit)
+
+    for digits in range(4, 13):
+        text = f"{value:.{digits}g}"
+        if side(float(text)) == side(value):  # shown on the same side of the limit as it is
+            return text
+    return repr(value)
+
+
 def kv_table(title: str, rows: Iterable[tuple[str, object]]) -> Table:
     """Two left-aligned columns, name and value: a record (an artifact's facts, this machine's) at a glance."""
     t = Table(title=title, title_justify="left", show_header=False)

@@ -29,6 +29,23 @@ def build_options(backend: str, precision: str, given: set[str]) -> None:
     check_build_options(backend, precision, given)
 
 
+def variant_options(precision: str, calib_data: str | None, given: set[str], fp16_keep: str) -> None:
+    """Variant options that would be ignored or would break the variant: --fold without a PASCAL or COCO
+    calibration layout (the only ones with folds), and an --fp16-keep without `mask`: the support-mask path
+    decides, through residues down to 6e-11, which support positions count, and FP16 cannot hold that."""
+    if "--fold" in given:
+        from hsnet_deploy.calibration.episodes import detect_layout
+
+        layout = detect_layout(Path(calib_data)) if calib_data and Path(calib_data).is_dir() else None
+        if layout not in ("pascal", "coco"):
+            raise UserError(f"--fold picks the PASCAL-5i / COCO-20i fold of --calib-data; here "
+                            f"({'no --calib-data' if not calib_data else f'a {layout} layout'}) it would be ignored")
+    groups = {g.strip() for g in fp16_keep.split(",") if g.strip()}
+    if precision == "fp16" and "mask" not in groups:
+        raise UserError(f"--fp16-keep {fp16_keep}: `mask` is required (the support-mask path must stay FP32); "
+                        "add it to the list")
+
+
 def build_engine(
     model: str, output: str, precision: str, backend: str, calib_data: str | None, variant_onnx: str | None,
     json_path: str | None, timing_cache: str | None,
@@ -51,7 +68,7 @@ def build_engine(
         raise UserError(f"{model}: is an ONNX Runtime-optimised model (its fused nodes are ONNX Runtime's own); "
                         "build from the FP32 export that `hsnet-deploy export` wrote")
     if meta.get("precision", "fp32") != "fp32":
-        raise UserError(f"{model}: is already a {meta['precision']} variant; build from the FP32 export")
+        raise UserError(f"{model}: is already an {meta['precision'].upper()} variant; build from the FP32 export")
     outputs = [("-o", output)]
     if backend == "tensorrt":
         outputs.append(("the plan's metadata file", f"{output}.json"))

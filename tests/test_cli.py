@@ -324,6 +324,13 @@ def test_eval_keeps_an_interrupted_runs_state_unless_resumed(exported, tmp_path)
      "'--threads': 0"),
     # the embedded default's size is checked here, not by the export child it would start
     (["bench", "--img-size", "0"], "image height 0: too small for resnet50 (at least 32)"),
+    # options that would be ignored or break the variant, refused before any work
+    (["export", "--backbone", "resnet50", "--opset", "99", "-o", "x.onnx"], "--opset 99: this torch"),
+    (["export", "--backbone", "resnet50", "--checkpoint", "c.pt", "--seed", "3", "-o", "x.onnx"],
+     "with --checkpoint it would be ignored"),
+    (["build-engine", "m.onnx", "--fp16", "--gate-episodes", "0", "-o", "x.onnx"], "'--gate-episodes': 0"),
+    (["build-engine", "m.onnx", "--fp16", "--fold", "2", "-o", "x.onnx"], "(no --calib-data) it would be ignored"),
+    (["build-engine", "m.onnx", "--fp16", "--fp16-keep", "l2norm", "-o", "x.onnx"], "`mask` is required"),
 ])
 def test_bad_thread_counts_and_default_sizes_exit_2(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

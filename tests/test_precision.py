@@ -304,3 +304,13 @@ def test_requantise_breaks_finds_the_older_placement(fp32_model, calib_dir):
     onnx.save(proto, str(path))
     breaks = requantise_breaks(ort_optimised_graph(path))
     assert breaks.get("Add", 0) >= 8 and breaks.get("DQ->Q", 0) > _feature_taps(onnx.load(str(fp32_model)))
+
+
+def test_gate_figures_are_shown_on_their_side_of_the_threshold():
+    """Rounded to 3-4 digits, 0.99894 read as 0.999 in a row marked `failed` against >= 0.999."""
+    from hsnet_deploy.console import versus
+
+    assert versus(0.99894, 0.999) == "0.9989"
+    assert float(versus(0.9999993, 0.9999995)) < 0.9999995
+    assert float(versus(0.99045, 0.99046)) < 0.99046 < float(versus(0.99047, 0.99046))
+    assert versus(0.9905, 0.95) == "0.9905" and versus(None, 0.5) == "-"

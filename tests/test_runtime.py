@@ -163,3 +163,15 @@ def test_heavy_backends_are_imported_lazily():
     help_run = subprocess.run([sys.executable, "-m", "hsnet_deploy", "--help"], capture_output=True, text=True,
                               check=False)
     assert help_run.returncode == 0 and "build-engine" in help_run.stdout
+
+
+def test_profile_names_onnx_runtime_rewrote_map_to_their_stage():
+    """The CPU EP's FP16 fallback renames the convs it wraps in Casts (`InsertedPrecisionFreeCast_<output>_nchwc`):
+    they counted as `other`, which put an FP16 variant's backbone at 2 ms and `other` at 114 ms in `bench`."""
+    from hsnet_deploy.runtime.ort_runner import _fused_stage
+
+    stage_of = {"relu_44": "backbone", "node_mul_620": "correlation", "conv2d_66": "learner"}
+    assert _fused_stage("InsertedPrecisionFreeCast_relu_44_nchwc", stage_of) == "backbone"
+    assert _fused_stage("InsertedPrecisionFreeCast_node_mul_620", stage_of) == "correlation"
+    assert _fused_stage("conv2d_66_nchwc", stage_of) == "learner"
+    assert _fused_stage("Reorder_token_7", stage_of) == "other"

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from hsnet_deploy.calibration.episodes import EpisodeSample
+from hsnet_deploy.console import versus
 
 
 @dataclass
@@ -146,7 +147,7 @@ class GateReport:
         checks = self.checks()
         for c in checks:
             if c["status"] == "failed":
-                fails.append(f"{c['name']} {c['value']:.4f} (needs {c['op']} {c['limit']})")
+                fails.append(f"{c['name']} {versus(c['value'], c['limit'])} (needs {c['op']} {c['limit']})")
             elif c["status"] == "unable to judge" and self.thresholds.miou_required:
                 fails.append(f"{c['name']}: unable to judge ({c['reason']})")
         if checks and all(c["status"] == "unable to judge" for c in checks):

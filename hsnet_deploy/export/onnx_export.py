@@ -94,6 +94,17 @@ class ExportReport:
         }
 
 
+def newest_opset() -> int | None:
+    """The newest opset this torch's exporter writes, or None where torch does not say (a private constant, read
+    defensively; the opset of the traced graph is checked after tracing in any case)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
 def _trace(model: HSNet, path: Path, img_size: int, opset: int) -> None:
     wrapper = _WithPyramid(model).eval()  # a new Module starts in training mode; the exporter warns on it
     example = (
@@ -179,6 +190,9 @@ def export_onnx(
     check_image_size(model.backbone_name, img_size, img_size)
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: the exporter needs opset {MIN_OPSET} or newer")
+    newest = newest_opset()
+    if newest is not None and opset > newest:
+        raise UserError(f"--opset {opset}: this torch {torch.__version__} exports opset {newest} at the newest")
     report = ExportReport(str(out), model.backbone_name, img_size, opset, tolerance=tolerance)
     layout = layout or ExportLayout()
     export_model = copy.deepcopy(model).eval().prepare_export(img_size, img_size, layout)
@@ -188,6 +202,10 @@ def export_onnx(
         step(f"tracing {model.backbone_name} at {img_size}x{img_size} (torch.export, opset {opset})")
         _trace(export_model, traced, img_size, opset)
         proto = onnx.load(str(traced))
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:  # the exporter falls back without a word (e.g. --opset 30 gave opset 18)
+            raise UserError(f"--opset {opset}: the exporter wrote opset {written} instead; choose {MIN_OPSET}.."
+                            f"{newest or written}")
 
         step("checking the graph (onnx.checker full check, shape inference)")
         check_onnx_structure(proto)

@@ -158,9 +158,19 @@ class OrtRunner(Runner):
         return {k: v / runs for k, v in per_stage.items()}
 
 
+# Prefixes ONNX Runtime puts before the names of nodes it rewrites: the CPU EP's FP16 fallback wraps a node that
+# has no FP16 kernel in Casts and renames it (an FP16 variant's convs: `InsertedPrecisionFreeCast_relu_44_nchwc`).
+ORT_NAME_PREFIXES = ("InsertedPrecisionFreeCast_",)
+
+
 def _fused_stage(node: str, stage_of: dict[str, str]) -> str:
-    """ORT renames the nodes it rewrites (`<output>_nchwc`, `<node>_token_N`, ...): strip the known suffix,
-    else match the longest known prefix."""
+    """ORT renames the nodes it rewrites (`<output>_nchwc`, `<node>_token_N`, `InsertedPrecisionFreeCast_<node>`):
+    strip the known prefix and suffix, else match the longest known prefix."""
+    for prefix in ORT_NAME_PREFIXES:
+        if node.startswith(prefix) and node[len(prefix):]:
+            node = node[len(prefix):]
+            if node in stage_of:
+                return stage_of[node]
     for suffix in ("_nchwc",):
         if node.endswith(suffix) and node[: -len(suffix)] in stage_of:
             return stage_of[node[: -len(suffix)]]
