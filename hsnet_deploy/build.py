@@ -74,9 +74,10 @@ def build(req: BuildRequest, step: Callable[[str], None] = lambda _m: None) -> B
             keep_fp32=req.fp16_keep)
         written.append(req.variant_path)
         report = gate.to_dict()
+        if req.backend == "onnxruntime":  # the caller's one "Wrote" line says it
+            return BuildResult(written, report, gate, f"{req.precision} variant for ONNX Runtime, gate passed, "
+                                                      f"{meta.get('seconds', 0):.0f} s")
         step(f"Wrote {req.variant_path} ({req.precision}, gate passed, {meta.get('seconds', 0):.0f}s)")
-        if req.backend == "onnxruntime":
-            return BuildResult(written, report, gate, f"{req.precision} variant for ONNX Runtime")
         model = req.variant_path
     if req.backend == "onnxruntime":
         from hsnet_deploy.runtime.ort_build import build_ort_model

@@ -63,7 +63,7 @@ def versus(value: object, limit: object) -> str:
         return (x > limit) - (x < limit)
 
     for digits in range(4, 13):
-        text = f"{value:.{digits}g}"
+        text = f"{value:.{digits}f}"
         if side(float(text)) == side(value):  # shown on the same side of the limit as it is
             return text
     return repr(value)

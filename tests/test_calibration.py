@@ -125,6 +125,24 @@ def test_phone_photos_in_a_calibration_folder_are_read_as_predict_reads_them(tmp
         split_episodes(tmp_path / "shown", calib_episodes=1, gate_episodes=1, seed=0)
 
 
+def test_episode_folders_are_found_in_any_case_and_a_broken_one_is_named(simple_dir):
+    """`query.Jpg` is a query (it used to drop its folder without a word); a folder of episode files with no query
+    image Pillow's readers take here (`query.tif`), or with a gap in its support numbers, is an error naming it."""
+    folder = simple_dir / "episode0004"
+    query = next(folder.glob("query.*"))
+    query.rename(folder / "query.Jpg")
+    assert "episode0004" in [ep.label for ep in split_episodes(simple_dir, 11, 1).calib + split_episodes(
+        simple_dir, 11, 1).gate]
+    (folder / "query.Jpg").rename(folder / "query.tif")
+    with pytest.raises(UserError, match="episode0004: episode folder without a query image"):
+        split_episodes(simple_dir, 11, 1)
+    (folder / "query.tif").rename(folder / "query.png")
+    for name in ("support2.png", "support2_mask.png"):
+        (folder / name).rename(folder / name.replace("2", "3"))
+    with pytest.raises(UserError, match="support3.png: support2 is missing before it"):
+        split_episodes(simple_dir, 11, 1)
+
+
 def test_mask_iou_and_sign_agreement_by_hand():
     a = np.array([[1, 1], [0, 0]], dtype=np.float32)
     b = np.array([[1, 0], [1, 0]], dtype=np.float32)

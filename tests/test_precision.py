@@ -313,4 +313,4 @@ def test_gate_figures_are_shown_on_their_side_of_the_threshold():
     assert versus(0.99894, 0.999) == "0.9989"
     assert float(versus(0.9999993, 0.9999995)) < 0.9999995
     assert float(versus(0.99045, 0.99046)) < 0.99046 < float(versus(0.99047, 0.99046))
-    assert versus(0.9905, 0.95) == "0.9905" and versus(None, 0.5) == "-"
+    assert versus(0.9905, 0.95) == "0.9905" and versus(1.5, 1.0) == "1.5000" and versus(None, 0.5) == "-"

@@ -92,15 +92,23 @@ def detect_layout(root: Path) -> str:
 
 
 def _episode_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _find(p, "query"))
+    """The episode folders: those holding a query image. A folder with episode files but no query image it can
+    read (e.g. `query.tif`) is an error naming it, not skipped without a word."""
+    folders = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if _find(p, "query"):
+            folders.append(p)
+        elif _find(p, "support1") or any(f.stem.lower() == "query" for f in p.iterdir()):
+            raise UserError(f"{p}: episode folder without a query image ({', '.join(IMAGE_SUFFIXES)}, any case)")
+    return folders
 
 
 def _find(folder: Path, stem: str) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
-        for cand in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
-            if cand.is_file():
-                return cand
-    return None
+    """`folder/<stem><suffix>` for an image suffix in any case (query.jpg, query.JPG, query.Jpg)."""
+    matches = sorted(f for f in folder.iterdir() if f.is_file() and f.stem == stem and f.suffix.lower() in IMAGE_SUFFIXES)
+    return matches[0] if matches else None
 
 
 def simple_episodes(root: Path) -> list[Episode]:
@@ -119,6 +127,10 @@ def simple_episodes(root: Path) -> list[Episode]:
             i += 1
         if not supports:
             raise UserError(f"{folder}: episode without supports (expected support1.jpg and support1_mask.png)")
+        gap = _find(folder, f"support{i + 1}")
+        if gap is not None:
+            raise UserError(f"{gap}: support{i} is missing before it; number the supports support1, support2, ... "
+                            "without gaps")
         episodes.append(Episode(len(episodes), 0, "episode", query, _find(folder, "query_mask"), tuple(supports),
                                 tuple(masks), user_masks=True, label=folder.name))
     return episodes
