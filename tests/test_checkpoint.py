@@ -36,6 +36,11 @@ def test_not_a_checkpoint(tmp_path):
     path.write_bytes(b"this is not a pickle" * 10)
     with pytest.raises(UserError, match="garbage.pt: not a readable PyTorch checkpoint"):
         load_checkpoint(path, "resnet50")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello world, not a checkpoint")  # torch's legacy reader alone says "101"
+    with pytest.raises(UserError, match=r"notes.pt: not a readable PyTorch checkpoint \(neither torch.save's zip "
+                                        r"archive nor a legacy pickle: KeyError"):
+        load_checkpoint(text, "resnet50")
 
 
 def test_tensor_instead_of_state_dict(tmp_path):
@@ -67,8 +72,8 @@ def test_unexpected_and_missing_keys_are_named(tmp_path, resnet50_state):
     torch.save(state, path)
     with pytest.raises(UserError) as err:
         load_checkpoint(path, "resnet50")
-    assert "1 missing keys: hpn_learner.decoder2.2.bias" in str(err.value)
-    assert "1 unexpected keys: hpn_learner.extra.weight" in str(err.value)
+    assert "1 missing key: hpn_learner.decoder2.2.bias" in str(err.value)
+    assert "1 unexpected key: hpn_learner.extra.weight" in str(err.value)
 
 
 def test_wrong_shape_is_named(tmp_path, resnet50_state):

@@ -298,5 +298,7 @@ def test_layout_switches_parse_from_the_command_line_form():
     assert some == ExportLayout(dilated_query_conv=False, single_bias=False)
     assert some.label() == "halo,support_major_mixing"
     assert ExportLayout.parse(some.label()) == some
+    with pytest.raises(ValueError, match="empty"):  # `--layout ""` read as none before
+        ExportLayout.parse("  ")
     with pytest.raises(ValueError, match="unknown layout switch diagonal"):
         ExportLayout.parse("halo,diagonal")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -51,6 +52,10 @@ def _load_failure(path: Path, exc: Exception) -> str:
         if cause.startswith("Unsupported global"):
             return (f"{path}: holds Python objects beyond tensors and plain containers ({cause[:160]}); "
                     f"hsnet-deploy never runs a file's pickled code: save the model's state_dict instead")
+    if not zipfile.is_zipfile(path) and (isinstance(exc, KeyError | EOFError) or len(cause) < 8):
+        # torch's legacy reader on a file that is no pickle says little ("101": a KeyError on a byte it read)
+        return (f"{path}: not a readable PyTorch checkpoint (neither torch.save's zip archive nor a legacy pickle: "
+                f"{type(exc).__name__} {cause})")
     return f"{path}: not a readable PyTorch checkpoint ({cause.split('. ', 1)[0][:200]})"
 
 
@@ -81,9 +86,9 @@ def check_state_dict(state: dict, model: HSNet, path: Path) -> None:
             hint = f"; the keys look like a {guess} checkpoint, not {model.backbone_name}"
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys: {_listed(missing)}")
+            parts.append(f"{len(missing)} missing key{'s' * (len(missing) != 1)}: {_listed(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) != 1)}: {_listed(unexpected)}")
         raise UserError(f"{path}: does not fit HSNet({model.backbone_name}): {'; '.join(parts)}{hint}")
     bad = [
         f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"

@@ -24,6 +24,8 @@ class ExportLayout:
         """'all', 'none', or a comma list of the switches to keep on (e.g. 'halo,support_major_mixing')."""
         names = [f.name for f in fields(cls)]
         text = text.strip()
+        if not text:
+            raise ValueError(f"empty; expected all, none or some of {', '.join(names)}")
         if text == "all":
             return cls()
         parts = [] if text == "none" else [part.strip().replace("-", "_") for part in text.split(",")]
