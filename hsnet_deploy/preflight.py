@@ -5,7 +5,6 @@ naming the option or file, raised before minutes of export, calibration or bench
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -106,18 +105,14 @@ def evaluate(artifact: str, state: str, json_path: str | None, resume: bool = Fa
     """Outputs apart from the artifact, and an interrupted run's state never replaced unasked: without --resume
     the first save would overwrite the totals a forgotten --resume could have continued from."""
     check_outputs([("--state", state), ("--json", json_path)], [("ARTIFACT", artifact)])
-    path = Path(state)
-    if resume or not path.is_file():
+    if resume:
         return
-    try:
-        saved = json.loads(path.read_text())
-        done, total = int(saved["next_episode"]), int(saved["settings"]["episodes"])
-        if saved.get("complete"):
-            return
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{state}: exists and is no evaluation state; move it away or give another --state") from None
-    raise UserError(f"{state}: holds an interrupted run ({done} of {total} episodes counted); continue it with "
-                    "--resume, or delete the file to start over")
+    from hsnet_deploy.data.evaluate import interrupted_run
+
+    progress = interrupted_run(state)
+    if progress is not None:
+        raise UserError(f"{state}: holds an interrupted run ({progress[0]} of {progress[1]} episodes counted); "
+                        "continue it with --resume, or delete the file to start over")
 
 
 def resume_command(argv: list[str] | None = None) -> str:

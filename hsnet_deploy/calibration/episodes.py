@@ -192,35 +192,32 @@ def check_episode_files(ep: Episode) -> None:
     Headers only. A simple-layout folder holds a person's photos, read as `predict` reads them: sizes as shown
     (EXIF orientation), and a mask of a turned photo's stored size fits too (`fit_mask_to_image`). Benchmark
     files are compared as stored, as the authors' readers (which ignore EXIF) read them."""
+    from hsnet_deploy.data.preprocess import turned_size
+
     pairs = [(ep.query_image, ep.query_mask), *zip(ep.support_images, ep.support_masks)]
     for img, mask in pairs:
         if mask is None:
             continue
-        (img_shown, img_turn), (mask_shown, mask_turn) = _header(img, ep), _header(mask, ep)
-        if ep.user_masks:
-            image_size = img_shown
-            fits = mask_shown == img_shown or (img_turn >= 5 and mask_shown == img_shown[::-1])
-        else:
-            image_size, mask_size = _stored(img_shown, img_turn), _stored(mask_shown, mask_turn)
-            fits, mask_shown = image_size == mask_size, mask_size
+        (img_size, img_turn), (mask_size, mask_turn) = _header(img, ep), _header(mask, ep)
+        fits = mask_size == img_size  # benchmark files: as stored
+        if ep.user_masks:  # as shown; a mask drawn on a turned photo's stored pixels fits too
+            stored = img_size
+            img_size, mask_size = turned_size(img_size, img_turn), turned_size(mask_size, mask_turn)
+            fits = mask_size == img_size or (img_turn >= 5 and mask_size == stored)
         if not fits:
             raise UserError(
-                f"{mask}: mask is {mask_shown[0]}x{mask_shown[1]} but its image {img.name} is "
-                f"{image_size[0]}x{image_size[1]} (episode {ep.name})"
+                f"{mask}: mask is {mask_size[0]}x{mask_size[1]} but its image {img.name} is "
+                f"{img_size[0]}x{img_size[1]} (episode {ep.name})"
             )
 
 
 def _header(path: Path, ep: Episode) -> tuple[tuple[int, int], int]:
-    from hsnet_deploy.data.preprocess import shown_size
+    from hsnet_deploy.data.preprocess import header_size
 
     try:
-        return shown_size(path)
+        return header_size(path)
     except UserError as exc:
         raise UserError(f"{exc} (episode {ep.name})") from None
-
-
-def _stored(shown: tuple[int, int], turn: int) -> tuple[int, int]:
-    return (shown[1], shown[0]) if turn >= 5 else shown
 
 
 def load_sample(ep: Episode, size: int) -> EpisodeSample:

@@ -175,6 +175,21 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def interrupted_run(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(episodes counted, episodes in all) of the unfinished run saved at `path`; None when there is no file or
+    its run finished; a UserError when the file is no evaluation state."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("complete"):
+            return None
+        return int(saved["next_episode"]), int(saved["settings"]["episodes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: exists and is no evaluation state; move it away or give another --state") from None
+
+
 def _load_state(path: Path, settings: dict) -> dict | None:
     if not path.exists():
         return None

@@ -170,8 +170,7 @@ def orient_image(img: Image.Image, path: str | os.PathLike, notes: list[str] | N
     if turn == 1:
         return img
     turned = ImageOps.exif_transpose(img)
-    width, height = original_size(img)
-    turned.info["original_size"] = (height, width) if turn >= 5 else (width, height)
+    turned.info["original_size"] = turned_size(original_size(img), turn)
     turned.info["exif_orientation"] = turn
     if notes is not None:
         notes.append(f"{path}: turned as its EXIF orientation ({turn}) says: read as viewers show it, "
@@ -179,12 +178,15 @@ def orient_image(img: Image.Image, path: str | os.PathLike, notes: list[str] | N
     return turned
 
 
-def shown_size(path: str | os.PathLike, what: str = "image") -> tuple[tuple[int, int], int]:
-    """(width, height) as viewers show the file, and its EXIF orientation (1: none), from the header alone."""
+def turned_size(size: tuple[int, int], turn: int) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation `turn`: orientations 5 to 8 swap them."""
+    return (size[1], size[0]) if turn >= 5 else size
+
+
+def header_size(path: str | os.PathLike, what: str = "image") -> tuple[tuple[int, int], int]:
+    """The stored (width, height) and the EXIF orientation (1: none) of a file, from its header alone."""
     with _reading(path, what), Image.open(path) as img:
-        turn = orientation(img)
-        width, height = img.size
-    return ((height, width) if turn >= 5 else (width, height)), turn
+        return img.size, orientation(img)
 
 
 def fit_mask_to_image(mask: np.ndarray, image: Image.Image, mask_name: str, image_name: str,
