@@ -376,7 +376,8 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     settings = {"batch": batch, "shots": shots, "iters": iters, "warmup": warmup, "device": device,
                 "threads": threads, "img_size": suite.img_size, "stages": stages, "cuda_graph": cuda_graph,
                 "cuda_ep_options": list(ep_option), "artifacts": [str(p) for p in paths]}
-    record = {**suite.to_dict(), **run_record(settings)}
+    # `--device auto` is recorded as given in the settings; where the runners actually ran is recorded here.
+    record = {**suite.to_dict(), "devices": sorted({r.device for r in suite.results}), **run_record(settings)}
     write_json(json_path, record, "benchmark")
     if report_path:
         from hsnet_deploy.report import write_bench_report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable
 
@@ -18,9 +19,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# Not a terminal (CI logs, pipes): wide enough that the bench table does not fold its columns.
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+def _width(stream, piped: int) -> int | None:
+    """None (rich asks the terminal, or reads COLUMNS) on a terminal or when COLUMNS is set; else, for CI logs
+    and pipes, `piped` columns: wide enough that the bench table does not fold its columns."""
+    columns = os.environ.get("COLUMNS", "")
+    return None if stream.isatty() or (columns.isdigit() and int(columns) > 0) else piped
+
+
+err = Console(stderr=True, highlight=False, width=_width(sys.stderr, 140))
+out = Console(highlight=False, width=_width(sys.stdout, 160))
 
 
 def progress_bar(transient: bool = False, console: Console | None = None, enabled: bool = True) -> Progress:

@@ -167,10 +167,45 @@ def artifact_rows(info: dict) -> list[tuple[str, str]]:
                                                         "miou_variant") if gate.get(k) is not None]
     elif info["precision"] != "fp32":
         rows.append(("gate", "no gate report in the metadata"))
+    rows += recipe_rows(info.get("other", {}))
     if info.get("verification"):
         rows.append(("export verification", f"worst relative error {_fmt(info['verification'].get('worst_rel'))}"))
     if info.get("stages"):
         rows.append(("stage map", ", ".join(info["stages"])))
+    return rows
+
+
+def recipe_rows(other: dict) -> list[tuple[str, str]]:
+    """How the graph was laid out and, for a variant, what stayed FP32 or was quantised and on which data: the
+    facts that tell two variants of one export apart (the JSON keeps them whole under "other")."""
+    rows = []
+    if other.get("layout"):
+        rows.append(("export layout", str(other["layout"])))
+    variant = other.get("variant") or {}
+    if "kept_fp32" in variant:
+        kept = variant["kept_fp32"] or {}
+        rows.append(("kept in FP32", ", ".join(f"{name} ({group.get('nodes', '?')} nodes)"
+                                               for name, group in kept.items()) or "none"))
+    if "quantized_stages" in variant:
+        rows.append(("quantised stages", _fmt(variant["quantized_stages"])))
+        if variant.get("calib_method"):
+            rows.append(("calibration method", str(variant["calib_method"])))
+    if variant.get("backend"):
+        rows.append(("variant backend", str(variant["backend"])))
+    calib = other.get("calibration")
+    if calib:
+        if calib.get("layout") == "synthetic":
+            data = f"synthetic episodes, seed {calib.get('seed')}"
+        else:
+            data = (f"{calib.get('root', '?')} ({calib.get('layout')} layout, seed {calib.get('seed')}): "
+                    f"{calib.get('calib_episodes', 0)} calibration episodes")
+        gate = calib.get("gate_episodes")
+        truth = calib.get("ground_truth_episodes")
+        if truth is None and "ground_truth" in calib:  # metadata written before the count: all or none
+            truth = gate if calib["ground_truth"] else 0
+        if gate is not None:
+            data += f", {gate} gate episodes" + ("" if truth is None else f" ({truth} with ground truth)")
+        rows.append(("episodes", data))
     return rows
 
 

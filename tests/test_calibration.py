@@ -190,6 +190,19 @@ def test_fp16_split_gates_on_the_int8_gate_episodes_and_needs_only_those(simple_
     assert [e.name for e in fp16.gate] == [e.name for e in int8.gate]
     small = split_episodes(simple_dir, 32, 10, seed=2, calibrate=False)  # 12 episodes: the gate's 10 fit
     assert len(small.gate) == 10 and len(small.calib) == 2
+    # The gate depends on the seed and its own count only: an INT8 run calibrating on 1 episode of the small
+    # pool gates on the FP16 variant's 10 (calibration used to come first and shift the gate's draw).
+    assert [e.name for e in split_episodes(simple_dir, 1, 10, seed=2).gate] == [e.name for e in small.gate]
+
+
+def test_every_simple_folder_is_checked_whatever_the_seed_draws(simple_dir):
+    """A wrong mask in a folder that neither set draws is still named: the result must not depend on the seed."""
+    drawn = split_episodes(simple_dir, 1, 1, seed=0)
+    used = {ep.query_image.parent.name for ep in [*drawn.calib, *drawn.gate]}
+    unused = next(f for f in sorted(p.name for p in simple_dir.iterdir()) if f not in used)
+    Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(simple_dir / unused / "query_mask.png")
+    with pytest.raises(UserError, match=rf"{unused}.query_mask.png: mask is 12x10"):
+        split_episodes(simple_dir, 1, 1, seed=0)
 
 
 def test_one_episode_type_reads_user_masks_as_predict_does(tmp_path):

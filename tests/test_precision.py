@@ -243,6 +243,26 @@ def test_run_gate_against_itself_is_perfect(fp32_model):
     assert report.passed and report.logit_error == 0.0 and report.sign_agreement == 1.0
 
 
+def test_gate_measures_miou_over_the_episodes_that_have_a_query_mask(fp32_model):
+    """Two of three episodes carry a query mask: mIoU is measured over those two (it was dropped for all),
+    equal to the foreground IoU counted by hand from the FP32 masks, and a note names the share."""
+    from dataclasses import replace
+
+    from hsnet_deploy.calibration.gate import fp32_outputs
+
+    samples = synthetic_samples(3, SIZE, seed=9)
+    truth = {0: samples[0].feed["support_masks"][0, 0], 2: 1.0 - samples[2].feed["support_masks"][0, 0]}
+    samples = [replace(s, query_mask=truth.get(i)) for i, s in enumerate(samples)]
+    reference = fp32_outputs(fp32_model, samples)
+    report = run_gate(fp32_model, fp32_model, samples, "fp32", GateThresholds(), reference=reference)
+    inter = sum(np.count_nonzero((reference[i]["mask"][0] >= 0.5) & (truth[i] >= 0.5)) for i in truth)
+    union = sum(np.count_nonzero((reference[i]["mask"][0] >= 0.5) | (truth[i] >= 0.5)) for i in truth)
+    assert 0 < inter < union
+    assert report.miou_fp32 == pytest.approx(100 * inter / union, abs=1e-4)
+    assert report.miou_variant == report.miou_fp32 and len(report.episodes) == 3
+    assert any("mIoU over the 2 of 3 gate episodes" in note for note in report.notes)
+
+
 def test_missing_modelopt_says_how_to_install_it(fp32_model, tmp_path, monkeypatch):
     import sys
 

@@ -149,6 +149,9 @@ def test_bench_json_has_every_field(exported, tmp_path):
         assert set(r["stages_ms"]) >= {"backbone", "correlation", "learner", "decoder"}
     assert data["results"][0]["speedup_vs_eager"] == pytest.approx(1.0)
     assert "vs eager" in out and "per-stage" in out
+    # --device auto (the default) is kept as asked; the devices the runners ran on are recorded beside it
+    assert data["settings"]["device"] == "auto" and data["devices"] == sorted({r["device"] for r in data["results"]})
+    assert data["devices"] == (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
 
 def test_heavy_backends_are_imported_lazily():

@@ -397,6 +397,48 @@ def test_11_build_engine_json_holds_the_gate_report(exported, tmp_path):
     if code == 0:
         code, info_out, _ = run_cli("info", str(out))
         assert code == 0 and "gate" in info_out and "mean mask agreement" in info_out
+        flat = " ".join(info_out.replace("│", " ").split())  # a long path folds the row onto two lines
+        assert "quantised stages" in flat and "2 gate episodes (2 with ground truth)" in flat
+
+
+def test_11_info_shows_how_a_variant_was_made():
+    """The layout, the FP32 groups or quantised stages and the episodes: what tells two variants apart."""
+    from hsnet_deploy.info import recipe_rows
+
+    fp16 = dict(recipe_rows({"layout": "halo", "variant": {"backend": "tensorrt", "kept_fp32": {
+        "mask": {"nodes": 3}, "l2norm": {"nodes": 27}}}, "calibration": {"layout": "synthetic", "seed": 4,
+                                                                          "gate_episodes": 16}}))
+    assert fp16["export layout"] == "halo" and fp16["kept in FP32"] == "mask (3 nodes), l2norm (27 nodes)"
+    assert fp16["episodes"] == "synthetic episodes, seed 4, 16 gate episodes" and "quantised stages" not in fp16
+    assert dict(recipe_rows({"variant": {"kept_fp32": {}}}))["kept in FP32"] == "none"
+    int8 = dict(recipe_rows({"variant": {"quantized_stages": ["backbone"], "calib_method": "entropy"},
+                             "calibration": {"layout": "fss", "root": "/d", "seed": 0, "calib_episodes": 8,
+                                             "gate_episodes": 5, "ground_truth": True, "ground_truth_episodes": 3}}))
+    assert int8["quantised stages"] == "backbone" and int8["calibration method"] == "entropy"
+    assert int8["episodes"] == "/d (fss layout, seed 0): 8 calibration episodes, 5 gate episodes (3 with ground truth)"
+    older = dict(recipe_rows({"calibration": {"layout": "simple", "root": "c", "seed": 0, "calib_episodes": 2,
+                                              "gate_episodes": 2, "ground_truth": False}}))
+    assert older["episodes"].endswith("2 gate episodes (0 with ground truth)")
+    assert recipe_rows({}) == []
+
+
+def test_11_piped_tables_follow_columns(exported, tmp_path):
+    """Piped output is 160 columns wide unless COLUMNS says otherwise (a person's `| less` at 80)."""
+    import subprocess
+    import sys
+
+    model, _, _ = exported("resnet50")
+    long_name = tmp_path / ("a-model-name-long-enough-to-widen-the-table-past-eighty-columns-" * 2 + ".onnx")
+    long_name.symlink_to(model)
+    script = "from hsnet_deploy.cli import main; main()"
+    widths = {}
+    for columns in ("80", None):
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | ({"COLUMNS": columns} if columns else {})
+        done = subprocess.run([sys.executable, "-c", script, "info", str(long_name)], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        widths[columns] = max(len(line) for line in done.stdout.splitlines())
+    assert widths["80"] <= 80 < widths[None]
 
 
 # hostile input ----------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ Layouts, detected in this order:
           support1.jpg        one or more supports (support1, support2, ...), each with
           support1_mask.png   its mask: 0/1, 0/255 grey or palette PNG, same size as its image
 
-Both sets are drawn from one seeded shuffle of the available episodes: calibration takes the first N,
-the gate the next M whose query image is not a calibration query, so the two share no episode and no
-query. The benchmark readers sample episodes exactly as the authors do; repeated queries (PASCAL's
+Both sets are drawn from one seeded shuffle of the available episodes (one per distinct query image): the
+gate takes the first M, calibration the next N, so the two share no episode and no query, and the gate's
+episodes depend only on the seed and M: an FP16 and an INT8 variant gate on the same episodes whatever
+calibration takes. The benchmark readers sample episodes exactly as the authors do; repeated queries (PASCAL's
 1,000 episodes cycle through a few hundred images) count once.
 """
 
@@ -61,7 +62,12 @@ class EpisodeSplit:
 
     @property
     def has_ground_truth(self) -> bool:
-        return bool(self.gate) and all(ep.query_mask is not None for ep in self.gate)
+        """Whether any gate episode has a query mask: the gate measures mIoU over those (gate.run_gate)."""
+        return self.ground_truth_episodes > 0
+
+    @property
+    def ground_truth_episodes(self) -> int:
+        return sum(ep.query_mask is not None for ep in self.gate)
 
     def class_ids(self) -> tuple[int, ...]:
         return tuple(sorted({ep.class_id for ep in self.gate}))
@@ -73,7 +79,8 @@ class EpisodeSplit:
             digest.update(json.dumps(ep.to_dict(), sort_keys=True).encode())
         return {"layout": self.layout, "root": str(self.root), "seed": self.seed, "available": self.available,
                 "calib_episodes": len(self.calib), "gate_episodes": len(self.gate),
-                "ground_truth": self.has_ground_truth, "sha256": digest.hexdigest()}
+                "ground_truth": self.has_ground_truth, "ground_truth_episodes": self.ground_truth_episodes,
+                "sha256": digest.hexdigest()}
 
 
 def detect_layout(root: Path) -> str:
@@ -155,8 +162,8 @@ def split_episodes(
 ) -> EpisodeSplit:
     """Seeded, disjoint calibration and gate sets; too few episodes for both is a UserError.
 
-    `calibrate=False` (FP16): the calibration set only shrinks to what is left after the gate's, so the gate
-    draws the same episodes as an INT8 run with the same seed whenever both fit.
+    `calibrate=False` (FP16): the calibration set only shrinks to what is left after the gate's. The gate comes
+    first in the shuffle, so it is the same for FP16 and INT8 with the same seed and gate count.
     """
     if calibrate and calib_episodes < MIN_CALIB_EPISODES:
         raise UserError(f"--calib-episodes {calib_episodes}: must be at least {MIN_CALIB_EPISODES}")
@@ -180,8 +187,10 @@ def split_episodes(
         )
     order = np.random.RandomState(seed).permutation(len(pool))
     chosen = [pool[i] for i in order[:need]]
-    split = EpisodeSplit(layout, root, chosen[:calib_episodes], chosen[calib_episodes:], seed, len(pool))
-    for ep in [*split.calib, *split.gate]:
+    split = EpisodeSplit(layout, root, chosen[gate_episodes:], chosen[:gate_episodes], seed, len(pool))
+    # A person's folders are all checked, so a wrong pairing is named whatever the seed draws; a benchmark's
+    # thousands of files only where drawn (they are the authors' data, and eval reads them as they are).
+    for ep in pool if layout == "simple" else [*split.calib, *split.gate]:
         check_episode_files(ep)
     return split
 
