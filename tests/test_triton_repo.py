@@ -92,3 +92,40 @@ def test_refuses_what_triton_cannot_serve(tmp_path):
     assert code == 2 and "export this checkpoint" in err
     code, _, err = run_cli("triton-repo", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "repo"))
     assert code == 2 and "not found" in err
+
+
+def test_an_onnx_runtime_int8_variant_is_not_given_to_tensorrt(exported, tmp_path):
+    """uint8 asymmetric Q/DQ (the onnxruntime INT8 scheme) cannot run in TensorRT, which takes zero points of 0:
+    refused with the TensorRT accelerator, written for CUDA or CPU instances; a symmetric variant passes."""
+    from hsnet_deploy.artifacts import meta_to_props, props_to_meta
+
+    proto = onnx.load(exported("resnet50")[0])
+
+    def variant(name: str, symmetric: bool):
+        meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
+        meta.update(precision="int8", variant={"backend": "tensorrt" if symmetric else "onnxruntime",
+                                               "qdq": {"zero_points_all_zero": symmetric}})
+        del proto.metadata_props[:]
+        for key, value in meta_to_props(meta).items():
+            proto.metadata_props.add(key=key, value=value)
+        path = tmp_path / name
+        onnx.save(proto, path)
+        return path
+
+    asymmetric = variant("ort.int8.onnx", symmetric=False)
+    code, _, err = run_cli("triton-repo", str(asymmetric), "-o", str(tmp_path / "trt"))
+    assert code == 2 and "TensorRT runs symmetric int8 only" in " ".join(err.split())
+    assert not (tmp_path / "trt").exists()
+    for option in (["--accelerator", "cuda"], ["--kind", "cpu"]):
+        assert run_cli("triton-repo", str(asymmetric), "-o", str(tmp_path / option[1]), *option)[0] == 0
+    # the TensorRT builder's own reader refuses it too, before TensorRT is imported (the Python API's path)
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.runtime.trt_build import read_onnx_spec
+
+    with pytest.raises(UserError, match="build-engine --int8 --backend tensorrt"):
+        read_onnx_spec(asymmetric)
+    symmetric = variant("trt.int8.onnx", symmetric=True)
+    assert read_onnx_spec(symmetric).height == EXPORT_SIZE
+    assert run_cli("triton-repo", str(symmetric), "-o", str(tmp_path / "sym"))[0] == 0
+    params = parse(tmp_path / "sym" / "hsnet" / "config.pbtxt").optimization.execution_accelerators
+    assert params.gpu_execution_accelerator[0].parameters["precision_mode"] == "INT8"

@@ -31,6 +31,7 @@ from hsnet_deploy.runtime.base import INPUT_NAMES, OUTPUT_NAMES, input_shapes
 from hsnet_deploy.runtime.trt_common import (
     BUILDER_NOTE,
     TRT_INSTALL,
+    check_symmetric_int8,
     cuda_device_info,
     make_logger,
     sidecar_path,
@@ -156,6 +157,8 @@ def read_onnx_spec(onnx_path: str | os.PathLike) -> OnnxSpec:
     height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:])
     if height <= 0 or width <= 0:
         raise UserError(f"{path}: query_img H and W must be fixed at export, got {dims[2]} x {dims[3]}")
+    check_symmetric_int8(path, meta, "build the INT8 variant for TensorRT from the FP32 export with "
+                         "`build-engine --int8 --backend tensorrt`")
     return OnnxSpec(height=height, width=width, meta=meta)
 
 

@@ -29,6 +29,17 @@ def sidecar_path(engine_path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def check_symmetric_int8(path: str | os.PathLike, meta: dict, use: str) -> None:
+    """TensorRT runs symmetric signed INT8 only (zero points 0). An INT8 variant made for ONNX Runtime's CPU
+    (`build-engine --int8 --backend onnxruntime`: uint8 Q/DQ with non-zero zero points, recorded in its metadata)
+    is refused here with what to do instead, not after loading TensorRT for a parser error."""
+    qdq = (meta.get("variant") or {}).get("qdq") or {}
+    if meta.get("precision") == "int8" and qdq.get("zero_points_all_zero") is False:
+        raise UserError(
+            f"{path}: its INT8 Q/DQ are uint8 with non-zero zero points (ONNX Runtime's scheme, built with "
+            f"--backend onnxruntime), and TensorRT runs symmetric int8 only; {use}")
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     """'10.13.0.35' -> (10, 13, 0, 35); non-numeric tails (rc, post) are dropped."""
     parts = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.artifact import inspect_artifact
+from hsnet_deploy.runtime.trt_common import check_symmetric_int8
 
 MODEL_NAME = "hsnet"
 INPUTS = ("query_img", "support_imgs", "support_masks")
@@ -115,6 +116,10 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
         platform, filename = "onnxruntime_onnx", "model.onnx"
         if kind == "cpu":
             accelerator = "none"
+        if accelerator == "tensorrt":
+            check_symmetric_int8(art.path, art.meta, "for Triton's TensorRT accelerator build the variant with "
+                                 "`build-engine --int8 --backend tensorrt`, or serve this one with --accelerator "
+                                 "cuda or --kind cpu")
     missing = [n for n in INPUTS + OUTPUTS if n not in types]
     if missing:
         raise UserError(f"{art.path}: tensors {missing} are missing; not an hsnet-deploy artifact")
