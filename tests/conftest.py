@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+# Tables as piped output gets them (160 columns) whatever width the developer's shell exports.
+os.environ.pop("COLUMNS", None)
 
 
 def reference_keys(backbone: str) -> dict[str, tuple[tuple[int, ...], str]]:
