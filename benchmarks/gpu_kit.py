@@ -88,11 +88,11 @@ def split_bundle(files: list[Path], parts_dir: Path, part_bytes: int) -> tuple[l
 
 def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str, layout_files: tuple[str, ...] = ()) -> list[dict]:
     """The `run` calls in order: each copies its part to /tmp/parts; the first starts the torch half in the
-    background; the one with the last part checks and unpacks the bundle, waits for the torch half and runs
-    the ONNX Runtime half; then one call runs the product's own `bench` at B = 1 and 8 (the headline figures)
-    and a last one `gpu_layouts.py` on both files and `layout_files` (other export layouts), with the GPU
-    kernels at B = 8 and 1.
-    Everything lands in $OUT; no call needs more than its own limit if an earlier one ran long."""
+    background; the one with the last part checks and unpacks the bundle, waits for the torch half and runs the
+    product's own `bench` at B = 1 and 8 (the headline figures, first because a session's device time may end
+    before the last call); the next runs the ONNX Runtime half of gpu.py (the CUDA EP options, prefer_nhwc) and a
+    last one `gpu_layouts.py` on both files and `layout_files` (other export layouts), with the GPU kernels at
+    B = 8 and 1. Everything lands in $OUT; no call needs more than its own limit if an earlier one ran long."""
     keep = "mkdir -p /tmp/parts; cp {p} /tmp/parts/"
     calls = []
     for i, part in enumerate(parts):
@@ -113,16 +113,16 @@ def device_calls(parts: list[str], sha256: str, onnx: str, fp16: str, layout_fil
         f"; python3 -c \"import tarfile; tarfile.open('{stage}/site.tar.xz').extractall('/tmp/site')\""
         "; while kill -0 $(cat /tmp/torch.pid) 2> /dev/null; do sleep 3; done"  # the torch half, started in call 1
         "; cp /tmp/gpu-out/gpu-torch.* /tmp/gpu-torch.log $OUT/"
-        f"; PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu.py --part ort --out $OUT --onnx {stage}/{onnx}"
-        # 120 s: the matrix ran in full on 2026-11-27; the new figures are the next two calls', within 15 minutes
-        f" --fp16-onnx {stage}/{fp16} --budget-s 120"
+        # SIGINT: bench prints and writes what it measured so far
+        f"; for b in 1 8; do PYTHONPATH=/tmp/site:$PWD timeout -s INT 140 python3 -m hsnet_deploy bench"
+        f" {stage}/{onnx} {stage}/{fp16} --device cuda --cuda-graph --no-stages -b $b -n 30"
+        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; grep -hv 'Fallback\\|━' $OUT/bench-b*.txt"
     )
     calls[-1]["timeout_s"] = 590
-    calls.append({"carry": [], "timeout_s": 420, "command": (
-        # SIGINT: bench prints and writes what it measured so far
-        f"for b in 1 8; do PYTHONPATH=/tmp/site:$PWD timeout -s INT 140 python3 -m hsnet_deploy bench"
-        f" {stage}/{onnx} {stage}/{fp16} --device cuda --cuda-graph --no-stages -b $b -n 30"
-        " --json $OUT/bench-b$b.json > $OUT/bench-b$b.txt 2>&1; done; grep -hv 'Fallback\\|━' $OUT/bench-b*.txt")})
+    calls.append({"carry": [], "timeout_s": 400, "command": (
+        # 120 s: the matrix ran in full on 2026-11-27; what is new there is the prefer_nhwc rows and the defaults
+        f"PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu.py --part ort --out $OUT --onnx {stage}/{onnx}"
+        f" --fp16-onnx {stage}/{fp16} --budget-s 120")})
     # the GPU kernels at B = 8 (where the bytes are) and B = 1 (where the time is not in the bytes: docs, run 4)
     files = " ".join(f"{stage}/{f}" for f in (onnx, fp16, *layout_files))
     calls.append({"carry": [], "timeout_s": 330, "command": (

@@ -106,9 +106,11 @@ def test_gpu_kit_calls_carry_one_part_each_and_fit_the_device_tool():
     last_part = calls[-3]["command"]
     # waits on the torch half by its pid (a pattern match would also match this very shell's command line)
     assert "kill -0 $(cat /tmp/torch.pid)" in last_part and "pgrep" not in last_part
-    assert "f" * 64 in last_part and last_part.index("--part ort") > last_part.index("kill -0")
-    assert "hsnet_deploy bench" in calls[-2]["command"] and "--cuda-graph" in calls[-2]["command"]
-    assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-2] + calls[-1:])
+    # the headline first, once the torch half has left the GPU: the product's own bench at B = 1 and 8
+    assert "f" * 64 in last_part and last_part.index("hsnet_deploy bench") > last_part.index("kill -0")
+    assert "--cuda-graph" in last_part and "for b in 1 8" in last_part
+    assert not any("hsnet_deploy bench" in c["command"] for c in calls[:-3] + calls[-2:])
+    assert "--part ort" in calls[-2]["command"] and not any("--part ort" in c["command"] for c in calls[:-2])
     # then the layouts: all three files, kernels at B = 8 and 1, stopped by its own timeout inside the call's
     layouts = calls[-1]["command"]
     assert "gpu_layouts.py" in layouts and "--kernel-batches 8 1" in layouts and "--batches 8 1" in layouts
