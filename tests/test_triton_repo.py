@@ -56,6 +56,11 @@ def test_cuda_and_cpu_variants(exported, tmp_path):
     assert run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "cuda"), "--accelerator", "cuda")[0] == 0
     accel = parse(tmp_path / "cuda" / "hsnet" / "config.pbtxt").optimization.execution_accelerators
     assert accel.gpu_execution_accelerator[0].name == "cuda"
+    # Triton passes these to ONNX Runtime's UpdateCUDAProviderOptions unchanged: its parser takes the enum's
+    # names (a numeric "0", Triton's deprecated top-level form, fails there); the measured defaults
+    params = dict(accel.gpu_execution_accelerator[0].parameters)
+    assert params["cudnn_conv_algo_search"] == "HEURISTIC" and params["use_tf32"] == "1"
+    assert set(params) == {"cudnn_conv_algo_search", "use_tf32"}
     assert run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "cpu"), "--kind", "cpu")[0] == 0
     config = parse(tmp_path / "cpu" / "hsnet" / "config.pbtxt")
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")

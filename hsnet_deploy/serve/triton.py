@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.artifact import inspect_artifact
+from hsnet_deploy.runtime.ort_cuda import cuda_provider_options
 from hsnet_deploy.runtime.trt_common import check_symmetric_int8
 
 MODEL_NAME = "hsnet"
@@ -75,7 +76,11 @@ def config_text(platform: str, max_batch: int, types: dict[str, str], img_size: 
             params = {"precision_mode": mode, "max_workspace_size_bytes": str(int(workspace_gib * 2**30)),
                       "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/hsnet-trt-cache"}
         else:
-            params = {"cudnn_conv_algo_search": "0"}  # 0 = exhaustive search once per shape
+            # Triton hands the cuda accelerator's parameters to ONNX Runtime's CUDA provider options as they are:
+            # the names ONNX Runtime parses (HEURISTIC, not Triton's deprecated numeric "1"), and of the defaults
+            # `bench` measured and runs with (runtime/ort_cuda.py) the two ONNX Runtime's own do not set; the
+            # others equal its own, and an older build rejects a key it does not know (prefer_nhwc).
+            params = {k: v for k, v in cuda_provider_options().items() if k in ("cudnn_conv_algo_search", "use_tf32")}
         body = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}' for k, v in params.items())
         text += ("optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
                  f'        name : "{accelerator}"\n{body}\n    }} ]\n  }}\n}}\n')
