@@ -685,6 +685,7 @@ def triton_repo(artifact, output, max_batch, instances, kind, accelerator, queue
                              accelerator=accelerator if kind == "gpu" else "none", queue_delay_us=queue_delay_us)
     out.print(f"[green]Wrote[/] {repo.config_path} and {repo.model_path} ({repo.platform}, max_batch_size "
               f"{repo.max_batch_size})", highlight=False)
+    out.print(f"{repo.needs}: pick the container release that has it.", highlight=False)
 
 
 def main() -> None:

@@ -23,9 +23,16 @@ def by_name(entries) -> dict:
 
 def test_onnx_repo_parses_and_matches_the_artifact(exported, tmp_path):
     artifact = exported("resnet50")[0]
-    code, _out, err = run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "repo"), "--max-batch", "6",
+    code, out, err = run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "repo"), "--max-batch", "6",
                              "--instances", "2")
     assert code == 0, err
+    # what the container's ONNX Runtime must read, as the file says: IR 10 arrived with ONNX 1.16 (ONNX Runtime 1.18)
+    proto = onnx.load(str(artifact), load_external_data=False)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    needs = f"must read ONNX IR version {proto.ir_version} and opset {opset}"
+    assert needs in " ".join(out.split())
+    if proto.ir_version == 10:
+        assert "(ONNX Runtime 1.18 or later)" in " ".join(out.split())
     model_dir = tmp_path / "repo" / "hsnet"
     assert (model_dir / "1" / "model.onnx").read_bytes() == artifact.read_bytes()
     config = parse(model_dir / "config.pbtxt")
@@ -78,10 +85,12 @@ def test_plan_repo_takes_the_profile_batch(exported, tmp_path):
     plan.write_bytes(b"not really a plan: Triton loads it, we only copy it")
     shutil.copyfile(onnx_path, tmp_path / "hsnet.onnx")
     meta = {"img_size": EXPORT_SIZE, "precision": "fp16", "source_onnx": "hsnet.onnx", "artifact": "tensorrt-plan",
-            "profile": {"batch": [1, 1, 4], "shots": [1, 1, 5]}}
+            "profile": {"batch": [1, 1, 4], "shots": [1, 1, 5]}, "tensorrt_version": "10.13.0",
+            "gpu_name": "NVIDIA H100 80GB HBM3"}
     (tmp_path / "hsnet.plan.json").write_text(json.dumps(meta))
-    code, _, err = run_cli("triton-repo", str(plan), "-o", str(tmp_path / "repo"), "--max-batch", "4")
+    code, out, err = run_cli("triton-repo", str(plan), "-o", str(tmp_path / "repo"), "--max-batch", "4")
     assert code == 0, err
+    assert "Triton's TensorRT must be 10.13.0, on a NVIDIA H100 80GB HBM3" in " ".join(out.split())
     config = parse(tmp_path / "repo" / "hsnet" / "config.pbtxt")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
     assert (tmp_path / "repo" / "hsnet" / "1" / "model.plan").read_bytes() == plan.read_bytes()

@@ -33,6 +33,7 @@ class TritonRepo:
     platform: str
     max_batch_size: int
     config_text: str
+    needs: str = ""  # what the server's runtime must be: an ONNX model's IR version and opset, a plan's TensorRT
 
 
 def tensor_dims(img_size: int) -> dict[str, list[int]]:
@@ -53,6 +54,24 @@ def onnx_types(path: Path) -> dict[str, str]:
             raise UserError(f"{path}: tensor {value.name!r} has ONNX element type {elem}, which Triton cannot serve")
         types[value.name] = ONNX_TO_TRITON[elem]
     return types
+
+
+# The first ONNX Runtime release that reads each IR version ONNX Runtime's model loader checks (its ONNX submodule:
+# 1.18 moved to ONNX 1.16, whose IR version is 10). Older Triton containers carry older ONNX Runtimes.
+MIN_ORT_FOR_IR = {10: "1.18"}
+
+
+def onnx_needs(path: Path) -> str:
+    """What Triton's ONNX Runtime must read: the model's IR version and opset, and the first release that reads
+    that IR version where it is known."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    text = f"Triton's ONNX Runtime must read ONNX IR version {model.ir_version} and opset {opset}"
+    if model.ir_version in MIN_ORT_FOR_IR:
+        text += f" (ONNX Runtime {MIN_ORT_FOR_IR[model.ir_version]} or later)"
+    return text
 
 
 def _tensor_block(kind: str, names: tuple[str, ...], types: dict[str, str], dims: dict[str, list[int]]) -> str:
@@ -113,11 +132,14 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
         types = onnx_types(source) if art.meta.get("source_onnx") and source.is_file() else \
             {n: "TYPE_FP32" for n in INPUTS + OUTPUTS}  # the contract's dtypes
         platform, filename = "tensorrt_plan", "model.plan"
+        needs = (f"Triton's TensorRT must be {art.meta.get('tensorrt_version', 'the one the plan was built with')}, "
+                 f"on a {art.meta.get('gpu_name', 'GPU of the architecture the plan was built on')}")
     else:
         if art.meta.get("ort_device"):
             raise UserError(f"{art.path}: an ONNX Runtime-optimised model is tied to one ONNX Runtime version; "
                             "give Triton the exported ONNX model instead")
         types = onnx_types(art.path)
+        needs = onnx_needs(art.path)
         platform, filename = "onnxruntime_onnx", "model.onnx"
         if kind == "cpu":
             accelerator = "none"
@@ -144,4 +166,4 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
         shutil.copyfile(art.path, tmp)
     config_path = model_dir / "config.pbtxt"
     write_bytes_atomic(config_path, text.encode())
-    return TritonRepo(config_path, model_path, platform, max_batch, text)
+    return TritonRepo(config_path, model_path, platform, max_batch, text, needs)
