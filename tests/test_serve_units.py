@@ -170,8 +170,16 @@ class _FakeRay:
 
     def _shutdown(self):
         import signal
+        import threading
 
         self.seen["sigint_while_stopping"] = signal.getsignal(signal.SIGINT)
+        # as Ray's error-listener thread does while Serve stops: its report of the controller it just killed
+        printer = threading.Thread(target=lambda: print(
+            "(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the "
+            "task will be retried. Error: The actor is dead because it was killed by `ray.kill`.\n"
+            "(raylet) something else went wrong"))
+        printer.start()
+        printer.join()
 
     def shutdown(self):
         self.seen["ray_shutdown"] = True
@@ -202,13 +210,18 @@ def _run_with_fake_ray(monkeypatch, fake, **kwargs):
     return python_handler, after
 
 
-def test_serve_keeps_the_python_sigterm_handler_over_rays(monkeypatch):
+def test_serve_keeps_the_python_sigterm_handler_over_rays(monkeypatch, capsys):
     """Ray's core worker replaced the entry point's SIGTERM handler, so SIGTERM aborted the service (exit 134, a
-    stack dump) instead of stopping it (143): run_service puts the Python handler back after ray.init."""
+    stack dump) instead of stopping it (143): run_service puts the Python handler back after ray.init.
+    Ray's report of the controller that serve.shutdown kills (printed on stdout at every stop) is dropped; any
+    other line Ray prints meanwhile goes to stderr."""
     fake = _FakeRay()
     python_handler, after = _run_with_fake_ray(monkeypatch, fake, stop_after_s=0.01)
     assert fake.seen["sigterm_while_serving"] is python_handler and after is python_handler
     assert fake.seen["ray_shutdown"]
+    captured = capsys.readouterr()
+    assert captured.out == "" and "graceful_shutdown" not in captured.err
+    assert "(raylet) something else went wrong" in captured.err
 
 
 def test_serve_stopped_by_an_interrupt_stops_ray_then_passes_it_on(monkeypatch):

@@ -7,9 +7,11 @@ cluster and removed from it on exit, leaving the cluster itself running.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -82,13 +84,33 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
     finally:
         with interrupts_ignored():  # a second Ctrl-C must not cut the shutdown short and leave Ray running
             say("Stopping ...")
-            try:
-                if address is None:
-                    serve.shutdown()
-                else:
-                    serve.delete(APP_NAME)
-            finally:
-                ray.shutdown()
+            with shutdown_noise_filtered():
+                try:
+                    if address is None:
+                        serve.shutdown()
+                    else:
+                        serve.delete(APP_NAME)
+                finally:
+                    ray.shutdown()
+
+
+# What Ray's driver prints on stdout while Serve stops as asked: its controller's graceful_shutdown task is retried
+# after serve.shutdown has killed the controller (Ray 2.60, every stop), reported as a task failure.
+SHUTDOWN_NOISE = ("graceful_shutdown failed", "killed by `ray.kill`")
+
+
+@contextlib.contextmanager
+def shutdown_noise_filtered() -> Iterator[None]:
+    """While the service stops, what Ray prints on stdout (its error-listener thread writes there, `(raylet) Task
+    ServeController.graceful_shutdown failed ...`) is held back: lines of that expected failure are dropped, any
+    other goes to stderr afterwards, so a stop leaves nothing alarming on the command's stdout."""
+    held = io.StringIO()
+    with contextlib.redirect_stdout(held):  # ray.shutdown joins the listener thread: its writes land in `held`
+        yield
+    kept = [line for line in held.getvalue().splitlines() if line.strip()
+            and not all(part in line for part in SHUTDOWN_NOISE)]
+    for line in kept:
+        print(line, file=sys.stderr)
 
 
 @contextlib.contextmanager
