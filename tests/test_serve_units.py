@@ -234,3 +234,28 @@ def test_serve_stopped_by_an_interrupt_stops_ray_then_passes_it_on(monkeypatch):
         _run_with_fake_ray(monkeypatch, fake)
     assert fake.seen["sigint_while_stopping"] is signal.SIG_IGN and fake.seen["ray_shutdown"]
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+def test_an_interrupt_before_sigint_is_ignored_does_not_skip_the_stop(monkeypatch):
+    """A second SIGINT landing before the stop has set SIGINT aside (pkill reaching both `timeout` and its child)
+    raised out of the stop before anything was shut down; the stop now starts again and completes."""
+    import contextlib
+
+    from hsnet_deploy.serve import launch
+
+    calls = {"entered": 0}
+    real = launch.interrupts_ignored
+
+    @contextlib.contextmanager
+    def interrupted_once():
+        calls["entered"] += 1
+        if calls["entered"] == 1:
+            raise KeyboardInterrupt  # the second signal, before SIG_IGN is in place
+        with real():
+            yield
+
+    monkeypatch.setattr(launch, "interrupts_ignored", interrupted_once)
+    fake = _FakeRay(run_raises=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _run_with_fake_ray(monkeypatch, fake)
+    assert calls["entered"] == 2 and fake.seen["ray_shutdown"] and "sigint_while_stopping" in fake.seen

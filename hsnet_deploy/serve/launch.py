@@ -68,6 +68,9 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
     # Ctrl-C, and SIGTERM as the entry point turns it into one (termination.py), end the loop below through
     # KeyboardInterrupt: the service is stopped, then the interrupt goes on to the entry point, whose exit
     # status (130, 143) tells a supervisor the service was stopped, not that it finished.
+    # Serve's driver-side logger says INFO lines of its own start ("Started Serve", "Connecting to existing Serve
+    # app ... will not be applied", the latter about serve.run's defaults, not ours); the `say` lines tell it.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         cpus = float(config.threads or 1)
@@ -82,16 +85,28 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        with interrupts_ignored():  # a second Ctrl-C must not cut the shutdown short and leave Ray running
-            say("Stopping ...")
-            with shutdown_noise_filtered():
-                try:
-                    if address is None:
-                        serve.shutdown()
-                    else:
-                        serve.delete(APP_NAME)
-                finally:
-                    ray.shutdown()
+        stop_service(ray, serve, address, say)
+
+
+def stop_service(ray, serve, address: str | None, say: Callable[[str], None]) -> None:
+    """Remove the application (and a local Ray), with Ctrl-C ignored meanwhile: a second Ctrl-C must not cut the
+    shutdown short and leave Ray running. One that lands before SIGINT is ignored (a signal sent twice at once:
+    `pkill` reaching `timeout` and its child) starts the stop again instead of skipping it."""
+    while True:
+        try:
+            with interrupts_ignored():
+                say("Stopping ...")
+                with shutdown_noise_filtered():
+                    try:
+                        if address is None:
+                            serve.shutdown()
+                        else:
+                            serve.delete(APP_NAME)
+                    finally:
+                        ray.shutdown()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 # What Ray's driver prints on stdout while Serve stops as asked: its controller's graceful_shutdown task is retried
