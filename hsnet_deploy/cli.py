@@ -589,7 +589,8 @@ def info(artifact, json_path):
     No ARTIFACT: the backends (PyTorch, ONNX Runtime and its providers,
     TensorRT), the devices and the installed versions.
     ARTIFACT: its kind, backbone, image size, precision, source weights,
-    tool versions and, for FP16/INT8 variants, the accuracy gate's report.
+    tool versions, export layout and, for FP16/INT8 variants, the accuracy
+    gate's report, what stayed FP32 or was quantised, and the episodes.
     """
     from hsnet_deploy import info as info_lib
     from hsnet_deploy.console import kv_table, out
