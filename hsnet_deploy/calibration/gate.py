@@ -228,7 +228,7 @@ def run_gate(
     report = GateReport(precision, thresholds or GateThresholds())
     if reference is None:
         reference = fp32_outputs(fp32_path, samples, threads)
-    with_gt = [s.query_mask is not None for s in samples]
+    judged = sum(s.query_mask is not None for s in samples)  # episodes with ground truth: mIoU is over those
     ids = class_ids or tuple(sorted({s.class_id for s in samples}))
     acc_ref, acc_var = IoUAccumulator(ids), IoUAccumulator(ids)
     # The variant's metadata is written only once it passes, so the runner gets the precision directly.
@@ -242,7 +242,6 @@ def run_gate(
                 acc_var.update(sample.class_id, var["mask"][0], sample.query_mask, sample.ignore)
             if on_episode:
                 on_episode(ep)
-    judged = sum(with_gt)
     if judged:
         report.miou_fp32, report.miou_variant = round(acc_ref.miou, 4), round(acc_var.miou, 4)
         if judged < len(samples):
