@@ -92,7 +92,8 @@ def stop_service(ray, serve, address: str | None, say: Callable[[str], None]) ->
     """Remove the application (and a local Ray), with Ctrl-C ignored meanwhile: a second Ctrl-C must not cut the
     shutdown short and leave Ray running. One that lands before SIGINT is ignored (a signal sent twice at once:
     `pkill` reaching `timeout` and its child) starts the stop again instead of skipping it."""
-    while True:
+    stopped = False
+    while not stopped:
         try:
             with interrupts_ignored():
                 say("Stopping ...")
@@ -104,9 +105,9 @@ def stop_service(ray, serve, address: str | None, say: Callable[[str], None]) ->
                             serve.delete(APP_NAME)
                     finally:
                         ray.shutdown()
-            return
+                        stopped = True
         except KeyboardInterrupt:
-            continue
+            pass  # before SIGINT was set aside: stop again; once Ray has stopped (SIGINT back): nothing left to do
 
 
 # What Ray's driver prints on stdout while Serve stops as asked: its controller's graceful_shutdown task is retried
