@@ -98,35 +98,35 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def _episode_dirs(root: Path) -> list[Path]:
-    """The episode folders: those holding a query image. A folder with episode files but no query image it can
-    read (e.g. `query.tif`) is an error naming it, not skipped without a word."""
+def _episode_dirs(root: Path) -> list[tuple[Path, list[Path]]]:
+    """The episode folders, each with its files (listed once): those holding a query image. A folder with episode
+    files but no query image it can read (e.g. `query.tif`) is an error naming it, not skipped without a word."""
     folders = []
     for p in sorted(root.iterdir()):
         if not p.is_dir() or p.name.startswith("."):
             continue
-        if _find(p, "query"):
-            folders.append(p)
-        elif _find(p, "support1") or any(f.stem.lower() == "query" for f in p.iterdir()):
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        if _find(files, "query"):
+            folders.append((p, files))
+        elif _find(files, "support1") or any(f.stem.lower() == "query" for f in files):
             raise UserError(f"{p}: episode folder without a query image ({', '.join(IMAGE_SUFFIXES)}, any case)")
     return folders
 
 
-def _find(folder: Path, stem: str) -> Path | None:
-    """`folder/<stem><suffix>` for an image suffix in any case (query.jpg, query.JPG, query.Jpg)."""
-    matches = sorted(f for f in folder.iterdir() if f.is_file() and f.stem == stem and f.suffix.lower() in IMAGE_SUFFIXES)
-    return matches[0] if matches else None
+def _find(files: list[Path], stem: str) -> Path | None:
+    """`<stem><suffix>` among a folder's files, for an image suffix in any case (query.jpg, query.JPG, query.Jpg)."""
+    return next((f for f in files if f.stem == stem and f.suffix.lower() in IMAGE_SUFFIXES), None)
 
 
 def simple_episodes(root: Path) -> list[Episode]:
     """The simple layout; a folder with a query but no complete support pair is an error, not skipped."""
     episodes = []
-    for folder in _episode_dirs(root):
-        query = _find(folder, "query")
+    for folder, files in _episode_dirs(root):
+        query = _find(files, "query")
         supports, masks = [], []
         i = 1
-        while (img := _find(folder, f"support{i}")) is not None:
-            mask = _find(folder, f"support{i}_mask")
+        while (img := _find(files, f"support{i}")) is not None:
+            mask = _find(files, f"support{i}_mask")
             if mask is None:
                 raise UserError(f"{img}: support image without its mask {folder / f'support{i}_mask.png'}")
             supports.append(img)
@@ -134,11 +134,11 @@ def simple_episodes(root: Path) -> list[Episode]:
             i += 1
         if not supports:
             raise UserError(f"{folder}: episode without supports (expected support1.jpg and support1_mask.png)")
-        gap = _find(folder, f"support{i + 1}")
+        gap = _find(files, f"support{i + 1}")
         if gap is not None:
             raise UserError(f"{gap}: support{i} is missing before it; number the supports support1, support2, ... "
                             "without gaps")
-        episodes.append(Episode(len(episodes), 0, "episode", query, _find(folder, "query_mask"), tuple(supports),
+        episodes.append(Episode(len(episodes), 0, "episode", query, _find(files, "query_mask"), tuple(supports),
                                 tuple(masks), user_masks=True, label=folder.name))
     return episodes
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.artifact import inspect_artifact
-from hsnet_deploy.runtime.ort_cuda import cuda_provider_options
+from hsnet_deploy.runtime.ort_cuda import CUDA_EP_DEFAULTS
 from hsnet_deploy.runtime.trt_common import check_symmetric_int8
 
 MODEL_NAME = "hsnet"
@@ -43,10 +43,15 @@ def tensor_dims(img_size: int) -> dict[str, list[int]]:
             "logits": [-1, 2, s, s], "mask": [s, s]}
 
 
-def onnx_types(path: Path) -> dict[str, str]:
+def load_graph(path: Path):
+    """The ONNX model without its external weights: its I/O types and versions are all Triton's config needs."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    return onnx.load(str(path), load_external_data=False)
+
+
+def onnx_types(model, path: Path) -> dict[str, str]:
+    graph = model.graph
     types = {}
     for value in list(graph.input) + list(graph.output):
         elem = value.type.tensor_type.elem_type
@@ -61,12 +66,9 @@ def onnx_types(path: Path) -> dict[str, str]:
 MIN_ORT_FOR_IR = {10: "1.18"}
 
 
-def onnx_needs(path: Path) -> str:
+def onnx_needs(model) -> str:
     """What Triton's ONNX Runtime must read: the model's IR version and opset, and the first release that reads
     that IR version where it is known."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     text = f"Triton's ONNX Runtime must read ONNX IR version {model.ir_version} and opset {opset}"
     if model.ir_version in MIN_ORT_FOR_IR:
@@ -99,7 +101,7 @@ def config_text(platform: str, max_batch: int, types: dict[str, str], img_size: 
             # the names ONNX Runtime parses (HEURISTIC, not Triton's deprecated numeric "1"), and of the defaults
             # `bench` measured and runs with (runtime/ort_cuda.py) the two ONNX Runtime's own do not set; the
             # others equal its own, and an older build rejects a key it does not know (prefer_nhwc).
-            params = {k: v for k, v in cuda_provider_options().items() if k in ("cudnn_conv_algo_search", "use_tf32")}
+            params = {k: CUDA_EP_DEFAULTS[k] for k in ("cudnn_conv_algo_search", "use_tf32")}
         body = "\n".join(f'        parameters {{ key: "{k}" value: "{v}" }}' for k, v in params.items())
         text += ("optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
                  f'        name : "{accelerator}"\n{body}\n    }} ]\n  }}\n}}\n')
@@ -129,7 +131,7 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
         if kind == "cpu":
             raise UserError(f"{art.path}: a TensorRT plan runs on a GPU only (--kind gpu)")
         source = art.path.with_name(str(art.meta.get("source_onnx", "")))
-        types = onnx_types(source) if art.meta.get("source_onnx") and source.is_file() else \
+        types = onnx_types(load_graph(source), source) if art.meta.get("source_onnx") and source.is_file() else \
             {n: "TYPE_FP32" for n in INPUTS + OUTPUTS}  # the contract's dtypes
         platform, filename = "tensorrt_plan", "model.plan"
         needs = (f"Triton's TensorRT must be {art.meta.get('tensorrt_version', 'the one the plan was built with')}, "
@@ -138,8 +140,8 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
         if art.meta.get("ort_device"):
             raise UserError(f"{art.path}: an ONNX Runtime-optimised model is tied to one ONNX Runtime version; "
                             "give Triton the exported ONNX model instead")
-        types = onnx_types(art.path)
-        needs = onnx_needs(art.path)
+        model = load_graph(art.path)
+        types, needs = onnx_types(model, art.path), onnx_needs(model)
         platform, filename = "onnxruntime_onnx", "model.onnx"
         if kind == "cpu":
             accelerator = "none"
