@@ -11,7 +11,13 @@ import click
 
 from hsnet_deploy.defaults import default_artifact, quiet_exporters
 from hsnet_deploy.errors import GateFailure, UserError
-from hsnet_deploy.termination import EXIT_INTERRUPTED, EXIT_TERMINATED, SignalState, sigterm_as_interrupt
+from hsnet_deploy.termination import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    SignalState,
+    raise_if_stopped,
+    sigterm_as_interrupt,
+)
 
 BACKBONE_CHOICE = click.Choice(["vgg16", "resnet50", "resnet101"])
 
@@ -136,12 +142,16 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
     except ValueError as exc:
         raise UserError(f"--layout {layout!r}: {exc}") from None
     if backbone:
-        check_image_size(backbone, img_size, img_size)
+        try:
+            check_image_size(backbone, img_size, img_size)
+        except UserError as exc:
+            raise UserError(f"--img-size {img_size}: {exc}") from None
     model, source = load_model(backbone, checkpoint, seed)
     started = time.perf_counter()
     steps = iter(range(1, 10))
 
     def step(message: str) -> None:
+        raise_if_stopped()  # a stop torch's tracer swallowed ends the export here, not after minutes more
         err.print(f"[bold]\\[{next(steps)}/4][/] {message}  [dim]({time.perf_counter() - started:.0f}s)[/]")
 
     report = export_onnx(model, output, img_size, opset or DEFAULT_OPSET, source, simplify=simplify, step=step,
@@ -195,12 +205,13 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
                    "[default per backend: measured, see README].")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="INT8: how activation ranges are taken from the calibration episodes.")
-@click.option("--gate-max-miou-drop", type=float, help="Gate: largest mIoU drop in points (with ground truth) [1.0].")
+@click.option("--gate-max-miou-drop", type=float,
+              help="Gate: largest mIoU drop in points, over episodes with a query mask [1.0].")
 @click.option("--gate-min-agreement", type=float,
-              help="Gate: smallest mean IoU of variant vs FP32 masks [0.95 without ground truth].")
+              help="Gate: smallest mean IoU of variant vs FP32 masks [0.95].")
 @click.option("--gate-min-worst-agreement", type=float, help="Gate: smallest per-episode IoU vs FP32 [off].")
 @click.option("--gate-min-sign-agreement", type=float,
-              help="Gate: smallest margin-weighted fg-bg sign agreement [0.999 without ground truth].")
+              help="Gate: smallest margin-weighted fg-bg sign agreement [0.999].")
 @click.option("--gate-max-logit-error", type=float, help="Gate: largest relative logit error [off].")
 @click.option("--fp16-keep", default="mask,l2norm,groupnorm,vote", show_default=True,
               help="FP16: groups kept in FP32 (mask = support-mask path, required; the rest are precautions).")
@@ -232,7 +243,8 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
     Both are compared with FP32 on held-out episodes; a variant that fails the gate is not written
     (exit 1); --json keeps the gate report. With --backend tensorrt the variant ONNX is kept beside
     the plan and built strongly typed. Refused before any work: an output that is an input,
-    --fp16 with --int8, --calib-data without either, an ONNX Runtime-optimised or FP16/INT8 MODEL.
+    --fp16 with --int8, --calib-data without either, an ONNX Runtime-optimised MODEL, --fp16/--int8 on
+    an FP16/INT8 MODEL (a gated variant given as MODEL is built as it is).
     """
     from hsnet_deploy import preflight
     from hsnet_deploy.build import BuildRequest, build
@@ -249,7 +261,7 @@ def build_engine(model, backend, fp16, int8, calib_data, device, max_batch, max_
     request = BuildRequest(
         model, output, backend=backend, precision=precision, device=device, calib_data=calib_data,
         calib_episodes=calib_episodes, gate_episodes=gate_episodes, fold=fold, seed=seed,
-        quantize=[x.strip() for x in quantize.split(",") if x.strip()] if quantize else None,
+        quantize=[x.strip() for x in quantize.split(",") if x.strip()] if quantize is not None else None,
         calib_method=calib_method, thresholds=thresholds,
         fp16_keep=tuple(x.strip() for x in fp16_keep.split(",") if x.strip()), variant_onnx=variant_onnx,
         max_batch=max_batch, max_shots=max_shots, opt_batch=opt_batch, opt_shots=opt_shots, workspace_gib=workspace,
@@ -328,7 +340,7 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
         require_plotting(report_path)
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
         raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
-    check_bench(list(artifacts), device, cuda_graph, json_path)
+    check_bench(list(artifacts), device, cuda_graph, json_path, _options_given())
     paths = [Path(a) for a in artifacts] or [default_artifact(img_size)]
     with progress_bar() as bar:
         def on_start(runner, n):
@@ -378,6 +390,8 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
                 "cuda_ep_options": list(ep_option), "artifacts": [str(p) for p in paths]}
     # `--device auto` is recorded as given in the settings; where the runners actually ran is recorded here.
     record = {**suite.to_dict(), "devices": sorted({r.device for r in suite.results}), **run_record(settings)}
+    for result, label in zip(record["results"], labels, strict=True):
+        result["table_label"] = label  # the row's name in the table above (`label` is the runner's full name)
     write_json(json_path, record, "benchmark")
     if report_path:
         from hsnet_deploy.report import write_bench_report
@@ -437,6 +451,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
 
     state = preflight.eval_state_path(artifact, state_path)
     preflight.evaluate(artifact, state, json_path, resume)
+    preflight.backbone_option([artifact], _options_given())
     extremes = None
     if report_path:
         from hsnet_deploy.report import ExtremeEpisodes, require_plotting
@@ -467,6 +482,8 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
         err.print(f"[yellow]Interrupted.[/] The totals of the finished episodes are saved in {state}; resume "
                   f"with:\n  {preflight.resume_command()}")
         sys.exit(EXIT_INTERRUPTED)
+    except UserError as exc:  # a bad file met mid-run: what was counted before it is kept, and said
+        raise UserError(f"{exc}{preflight.eval_state_after_error(state)}") from None
     rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
     names = {"fss": "FSS-1000", "pascal": f"PASCAL-5i fold {fold}", "coco": f"COCO-20i fold {fold}"}
     out.print(f"[bold]{names[dataset]}, {shots}-shot, {result.episodes} episodes[/]")  # a line: never wrapped
@@ -512,9 +529,11 @@ def predict(artifact, query, supports, output, overlay_path, backbone, device, t
     preprocessed once for every query in a folder; every query's header is checked before the first runs.
     """
     from hsnet_deploy import predict as predict_lib
+    from hsnet_deploy import preflight
     from hsnet_deploy.console import err, progress_bar
     from hsnet_deploy.data.preprocess import check_image_header
 
+    preflight.backbone_option([artifact], _options_given())
     for img, mask in supports:  # headers only: a wrong file is an Error before the model loads
         check_image_header(img)
         check_image_header(mask, "mask")
@@ -644,11 +663,13 @@ def serve(artifact, host, port, replicas, gpus_per_replica, max_batch, batch_wai
     Bad requests get JSON {"error": ...} with 400/404/413; a request in flight on a replica that dies
     gets a retriable 503. Without --address a local Ray is started; Ctrl-C stops the service.
     """
+    from hsnet_deploy import preflight
     from hsnet_deploy.console import err
     from hsnet_deploy.runtime.artifact import inspect_artifact
     from hsnet_deploy.serve.launch import run_service
 
     inspect_artifact(artifact)  # a missing or damaged file is an Error now, not a failing replica later
+    preflight.backbone_option([artifact], _options_given())
     from hsnet_deploy.serve.config import ServeConfig
 
     config = ServeConfig(str(Path(artifact).resolve()), device, backbone, threads, max_batch, batch_wait_ms,
@@ -687,6 +708,11 @@ def triton_repo(artifact, output, max_batch, instances, kind, accelerator, queue
     out.print(f"[green]Wrote[/] {repo.config_path} and {repo.model_path} ({repo.platform}, max_batch_size "
               f"{repo.max_batch_size})", highlight=False)
     out.print(f"{repo.needs}: pick the container release that has it.", highlight=False)
+    for path in repo.removed:
+        out.print(f"Removed {path}, an earlier model of the other kind.", highlight=False)
+    if repo.other_versions:
+        out.print(f"note: {repo.config_path.parent} also holds version folder(s) {', '.join(repo.other_versions)}; "
+                  "the config serves version 1 only.", highlight=False)
 
 
 def main() -> None:
@@ -695,10 +721,17 @@ def main() -> None:
     with sigterm_as_interrupt() as signals:
         try:
             _run_cli(signals)
+            if signals.stopped():  # a stop that library code swallowed: the command ran on, but was asked to stop
+                _say_stopped(signals)
+                sys.exit(EXIT_INTERRUPTED)
         except SystemExit as exc:
             if signals.received and exc.code == EXIT_INTERRUPTED:
                 raise SystemExit(EXIT_TERMINATED) from None
             raise
+
+
+def _say_stopped(signals: SignalState) -> None:
+    click.echo("Terminated (SIGTERM)." if signals.received else "Interrupted.", err=True)
 
 
 def _run_cli(signals: SignalState) -> None:
@@ -717,9 +750,12 @@ def _run_cli(signals: SignalState) -> None:
         click.echo(f"Failed: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Terminated (SIGTERM)." if signals.received else "Interrupted.", err=True)
+        _say_stopped(signals)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as such
+        if signals.stopped():  # the stop, turned into another error by library code it landed in
+            _say_stopped(signals)
+            sys.exit(EXIT_INTERRUPTED)
         if os.environ.get("HSNET_DEPLOY_DEBUG"):
             traceback.print_exc()
         click.echo(f"Internal error: {type(exc).__name__}: {exc} (set HSNET_DEPLOY_DEBUG=1 for the traceback)",

@@ -27,8 +27,38 @@ def _width(stream, piped: int) -> int | None:
     return None if stream.isatty() or (columns.isdigit() and int(columns) > 0) else piped
 
 
+class ReaderMayLeave:
+    """The tables' stdout, as `sys.stdout` is at each write. When the reader has gone (`| head`), the rest of the
+    output is dropped (fd 1 goes to /dev/null) and the command goes on: its --json file, report and exit status
+    are what they would have been, where a write error would end it, and click would exit 1 without a word."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    @staticmethod
+    def _drop() -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding: the stream's own
+        return getattr(sys.stdout, name)
+
+
 err = Console(stderr=True, highlight=False, width=_width(sys.stderr, 140))
-out = Console(highlight=False, width=_width(sys.stdout, 160))
+out = Console(file=ReaderMayLeave(), highlight=False, width=_width(sys.stdout, 160))
 
 
 def progress_bar(transient: bool = False, console: Console | None = None, enabled: bool = True) -> Progress:
@@ -40,14 +70,26 @@ def progress_bar(transient: bool = False, console: Console | None = None, enable
     )
 
 
-def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[object]]) -> Table:
-    """A compact table (a rule under the header, no side borders) so short labels fit 80 columns."""
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[object]], width: int | None = None) -> Table:
+    """A compact table (a rule under the header, no side borders) so short labels fit 80 columns. A label too
+    long for the line (a dataset's class name) is cut with an ellipsis: the figures keep their columns."""
+    columns = list(columns)
+    cells = [["-" if v is None else number(v) if isinstance(v, float) else str(v) for v in row] for row in rows]
+    figures = sum(max([len(col)] + [len(row[i]) for row in cells]) + COLUMN_GAP for i, col in enumerate(columns) if i)
+    label_width = max(MIN_LABEL_WIDTH, (width or out.width) - figures)
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in rows:
-        t.add_row(*("-" if v is None else number(v) if isinstance(v, float) else str(v) for v in row))
+        if i == 0:
+            t.add_column(col, justify="left", no_wrap=True, overflow="ellipsis", max_width=label_width)
+        else:
+            t.add_column(col, justify="right")
+    for row in cells:
+        t.add_row(*row)
     return t
+
+
+COLUMN_GAP = 3  # the spaces rich puts between two columns of `table`
+MIN_LABEL_WIDTH = 12
 
 
 def number(value: float) -> str:

@@ -197,14 +197,16 @@ def recipe_rows(other: dict) -> list[tuple[str, str]]:
         if calib.get("layout") == "synthetic":
             data = f"synthetic episodes, seed {calib.get('seed')}"
         else:
+            counted = calib.get("calib_episodes", 0)  # FP16 calibrates nothing: none drawn (earlier: unused)
             data = (f"{calib.get('root', '?')} ({calib.get('layout')} layout, seed {calib.get('seed')}): "
-                    f"{calib.get('calib_episodes', 0)} calibration episodes")
+                    + (f"{counted} calibration episodes" if counted and "quantized_stages" in variant else ""))
         gate = calib.get("gate_episodes")
         truth = calib.get("ground_truth_episodes")
         if truth is None and "ground_truth" in calib:  # metadata written before the count: all or none
             truth = gate if calib["ground_truth"] else 0
         if gate is not None:
-            data += f", {gate} gate episodes" + ("" if truth is None else f" ({truth} with ground truth)")
+            data += ("" if data.endswith(" ") else ", ") + f"{gate} gate episodes" + (
+                "" if truth is None else f" ({truth} with ground truth)")
         rows.append(("episodes", data))
     return rows
 

@@ -40,6 +40,13 @@ def variant_options(precision: str, calib_data: str | None, given: set[str], fp1
             raise UserError(f"--fold picks the PASCAL-5i / COCO-20i fold of --calib-data; here "
                             f"({'no --calib-data' if not calib_data else f'a {layout} layout'}) it would be ignored")
     groups = {g.strip() for g in fp16_keep.split(",") if g.strip()}
+    if precision == "fp16":
+        from hsnet_deploy.calibration.fp16 import GROUP_FINDERS
+
+        unknown = sorted(groups - set(GROUP_FINDERS))
+        if unknown:
+            raise UserError(f"--fp16-keep {fp16_keep}: unknown group(s) {', '.join(unknown)}; expected some of "
+                            f"{', '.join(GROUP_FINDERS)}")
     if precision == "fp16" and "mask" not in groups:
         raise UserError(f"--fp16-keep {fp16_keep}: `mask` is required (the support-mask path must stay FP32); "
                         "add it to the list")
@@ -66,8 +73,9 @@ def build_engine(
     if meta.get("ort_version") or meta.get("ort_device"):
         raise UserError(f"{model}: is an ONNX Runtime-optimised model (its fused nodes are ONNX Runtime's own); "
                         "build from the FP32 export that `hsnet-deploy export` wrote")
-    if meta.get("precision", "fp32") != "fp32":
-        raise UserError(f"{model}: is already an {meta['precision'].upper()} variant; build from the FP32 export")
+    if meta.get("precision", "fp32") != "fp32" and precision != "fp32":  # a gated variant builds as it is
+        raise UserError(f"{model}: is already an {meta['precision'].upper()} variant; make the "
+                        f"{precision.upper()} variant from the FP32 export")
     outputs = [("-o", output)]
     if backend == "tensorrt":
         outputs.append(("the plan's metadata file", f"{output}.json"))
@@ -78,10 +86,29 @@ def build_engine(
     check_outputs(outputs, inputs)
 
 
-def bench(artifacts: list[str], device: str, cuda_graph: bool, json_path: str | None) -> None:
+def bench(artifacts: list[str], device: str, cuda_graph: bool, json_path: str | None, given: set[str]) -> None:
     if cuda_graph and device == "cpu":
         raise UserError("--cuda-graph captures ONNX Runtime's CUDA run; with --device cpu it would be ignored")
     check_outputs([("--json", json_path)], [("ARTIFACT", a) for a in artifacts])
+    if "--img-size" in given and artifacts:
+        raise UserError(f"--img-size sets the size of the embedded default model (bench with no ARTIFACT); "
+                        f"{artifacts[0]} has its own, so it would be ignored")
+    if "--backbone" in given and not artifacts:
+        raise UserError("--backbone names an authors' checkpoint's backbone; with no ARTIFACT bench runs the "
+                        "embedded default (resnet50), so it would be ignored")
+    backbone_option(artifacts, given)
+
+
+def backbone_option(artifacts: list[str], given: set[str]) -> None:
+    """--backbone tells an authors' checkpoint (which does not record it) its backbone. ONNX models and TensorRT
+    plans record theirs, so with none but those it would be ignored: refused, as the README promises."""
+    if "--backbone" not in given or not artifacts:
+        return
+    from hsnet_deploy.runtime.artifact import inspect_artifact
+
+    if all(inspect_artifact(a).kind != "checkpoint" for a in artifacts):
+        raise UserError(f"--backbone is for an authors' checkpoint, which does not record its backbone; "
+                        f"{artifacts[0]} records its own, so it would be ignored")
 
 
 def export(output: str, json_path: str | None, checkpoint: str | None) -> None:
@@ -113,6 +140,24 @@ def evaluate(artifact: str, state: str, json_path: str | None, resume: bool = Fa
     if progress is not None:
         raise UserError(f"{state}: holds an interrupted run ({progress[0]} of {progress[1]} episodes counted); "
                         "continue it with --resume, or delete the file to start over")
+
+
+def eval_state_after_error(state: str) -> str:
+    """What an `eval` stopped by a bad file mid-run left: the totals counted before it, kept for --resume once the
+    file is fixed (said, since the next run without --resume is refused), or, with nothing counted, no state."""
+    from hsnet_deploy.data.evaluate import interrupted_run
+
+    try:
+        progress = interrupted_run(state)
+    except UserError:
+        return ""
+    if progress is None:
+        return ""
+    if progress[0] == 0:
+        Path(state).unlink(missing_ok=True)
+        return ""
+    return (f"\nThe totals of the {progress[0]} episodes before it are saved in {state}; once the file is fixed, "
+            f"continue with:\n  {resume_command()}")
 
 
 def resume_command(argv: list[str] | None = None) -> str:

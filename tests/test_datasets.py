@@ -179,6 +179,12 @@ def test_pascal_episodes_match_authors_cycling_and_draws(pascal_root, shots):
     assert all(e.fg_label == e.class_id + 1 and e.ignore_label == 255 for e in eset.episodes)
 
 
+def test_pascal_and_coco_refuse_more_episodes_than_their_protocol(tmp_path):
+    for build in (pascal_episodes, coco_episodes):
+        with pytest.raises(UserError, match="--episodes 1001: the PASCAL-5i / COCO-20i test protocol has 1000"):
+            build(tmp_path, fold=0, shots=1, episodes=1001)
+
+
 def test_pascal_default_is_1000_episodes_of_the_fold_classes(pascal_root):
     eset = pascal_episodes(pascal_root, fold=0)
     assert len(eset) == 1000

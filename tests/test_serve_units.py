@@ -121,6 +121,24 @@ def test_port_in_use_is_refused_before_ray_starts():
             check_port_free("127.0.0.1", port)
 
 
+def test_an_address_where_nothing_answers_is_refused_before_ray_waits_on_it():
+    """Ray's client retries an unreachable cluster for minutes with no error; the address is tried first."""
+    import socket
+
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.serve.launch import check_address
+
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        check_address(f"127.0.0.1:{port}")  # something answers: Ray takes it from here
+        check_address(f"ray://127.0.0.1:{port}")
+    with pytest.raises(UserError, match=f"--address 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}"):
+        check_address(f"127.0.0.1:{port}")
+    check_address("auto")  # Ray finds that one itself
+
+
 def test_uploads_turn_phone_photos_by_their_exif_orientation():
     """A query stored 30x20 with EXIF orientation 6 is answered at 20x30 (as viewers show it); a support mask fits
     its turned photo either as shown or at the stored size (turned with it), like `predict`."""

@@ -84,7 +84,8 @@ def test_plan_repo_takes_the_profile_batch(exported, tmp_path):
     plan = tmp_path / "hsnet.plan"
     plan.write_bytes(b"not really a plan: Triton loads it, we only copy it")
     shutil.copyfile(onnx_path, tmp_path / "hsnet.onnx")
-    meta = {"img_size": EXPORT_SIZE, "precision": "fp16", "source_onnx": "hsnet.onnx", "artifact": "tensorrt-plan",
+    meta = {"backbone": "resnet50", "img_size": EXPORT_SIZE, "precision": "fp16", "source_onnx": "hsnet.onnx",
+            "artifact": "tensorrt-plan",
             "profile": {"batch": [1, 1, 4], "shots": [1, 1, 5]}, "tensorrt_version": "10.13.0",
             "gpu_name": "NVIDIA H100 80GB HBM3"}
     (tmp_path / "hsnet.plan.json").write_text(json.dumps(meta))
@@ -143,3 +144,29 @@ def test_an_onnx_runtime_int8_variant_is_not_given_to_tensorrt(exported, tmp_pat
     assert run_cli("triton-repo", str(symmetric), "-o", str(tmp_path / "sym"))[0] == 0
     params = parse(tmp_path / "sym" / "hsnet" / "config.pbtxt").optimization.execution_accelerators
     assert params.gpu_execution_accelerator[0].parameters["precision_mode"] == "INT8"
+
+
+def test_a_rewritten_repository_serves_the_model_just_written(exported, tmp_path):
+    """Triton serves the highest version folder by default: the config pins version 1, an earlier run's model of the
+    other kind in 1/ goes (said), other version folders are named; a mistyped -o and an ARTIFACT inside the
+    repository's model folder are refused."""
+    artifact = exported("resnet50")[0]
+    repo = tmp_path / "repo"
+    assert run_cli("triton-repo", str(artifact), "-o", str(repo))[0] == 0
+    (repo / "hsnet" / "2").mkdir()
+    stale_plan = repo / "hsnet" / "1" / "model.plan"
+    stale_plan.write_bytes(b"an earlier plan")
+    code, out, err = run_cli("triton-repo", str(artifact), "-o", str(repo))
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert not stale_plan.exists() and f"Removed {stale_plan}" in text
+    assert "also holds version folder(s) 2; the config serves version 1 only" in text
+    config = parse(repo / "hsnet" / "config.pbtxt")
+    assert list(config.version_policy.specific.versions) == [1]
+    code, _, err = run_cli("triton-repo", str(artifact), "-o", str(tmp_path / "missing" / "repo"))
+    assert code == 2 and f"folder {tmp_path / 'missing'} does not exist" in " ".join(err.split())
+    assert not (tmp_path / "missing").exists()
+    inside = repo / "hsnet" / "1" / "model.onnx"
+    before = inside.read_bytes()
+    code, _, err = run_cli("triton-repo", str(inside), "-o", str(tmp_path / "." / "repo"))
+    assert code == 2 and "the model folder this command writes" in err and inside.read_bytes() == before

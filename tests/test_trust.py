@@ -252,6 +252,8 @@ def test_6_bench_rows_name_files_and_json_records_the_run(exported, tmp_path):
     assert data["versions"]["onnxruntime"] and data["timestamp"].endswith("Z")
     assert data["settings"]["warmup"] == 0 and data["settings"]["iters"] == 1
     assert data["command"][:3] == ["hsnet-deploy", "bench", str(model)]
+    rows = [line.split("  ")[0].strip() for line in stdout.split("per-stage time")[0].splitlines()]
+    assert [r["table_label"] for r in data["results"]] == [r for r in rows if r.startswith(("torch-", "ort-"))]
 
 
 # 7 ---------------------------------------------------------------------------------------------------------
@@ -418,7 +420,11 @@ def test_11_info_shows_how_a_variant_was_made():
     assert int8["episodes"] == "/d (fss layout, seed 0): 8 calibration episodes, 5 gate episodes (3 with ground truth)"
     older = dict(recipe_rows({"calibration": {"layout": "simple", "root": "c", "seed": 0, "calib_episodes": 2,
                                               "gate_episodes": 2, "ground_truth": False}}))
-    assert older["episodes"].endswith("2 gate episodes (0 with ground truth)")
+    assert older["episodes"] == "c (simple layout, seed 0): 2 gate episodes (0 with ground truth)"
+    # an FP16 variant of an earlier release recorded a calibration share it never used: not shown
+    fp16_folder = dict(recipe_rows({"variant": {"kept_fp32": {}}, "calibration": {
+        "layout": "simple", "root": "c", "seed": 0, "calib_episodes": 3, "gate_episodes": 3}}))
+    assert fp16_folder["episodes"] == "c (simple layout, seed 0): 3 gate episodes"
     assert recipe_rows({}) == []
 
 
@@ -521,3 +527,140 @@ def test_hostile_input_exits_2_naming_the_culprit(hostile, name, args, culprit):
     assert code == 2, err
     assert "Error:" in text and culprit.format(**hostile) in text and "Traceback" not in text
     assert sorted(p.name for p in Path(hostile["T"]).rglob("*")) == before  # nothing written, nothing replaced
+
+
+# second audit (2026-11-27) -----------------------------------------------------------------------------------
+
+
+def test_a_reader_that_leaves_early_loses_the_table_not_the_json(tmp_path):
+    """`hsnet-deploy ... --json r.json | head -1`: the closed pipe ends the table, not the command (click exited 1
+    without a word, before --json was written)."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "facts.json"
+    proc = subprocess.Popen([sys.executable, "-m", "hsnet_deploy", "info", "--json", str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first table line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(target.read_text())["versions"]
+
+
+def test_a_long_label_is_cut_and_the_figures_stay():
+    import io
+
+    from rich.console import Console
+
+    from hsnet_deploy.console import table
+
+    console = Console(width=80, file=io.StringIO())
+    console.print(table("", ["class", "IoU %"], [("17 " + "x" * 100, 81.5), ("3 dog", 3.25)], width=80))
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert lines[0].split()[-1] == "%" and lines[2].endswith("81.5") and lines[3].endswith("3.25")
+    assert "…" in lines[2] and "3 dog" in lines[3]
+
+
+def test_options_the_artifact_makes_pointless_are_refused(exported, tmp_path):
+    model, _, _ = exported("resnet50")
+    code, _, err = run_cli("bench", str(model), "--img-size", "128")
+    assert code == 2 and f"{model} has its own, so it would be ignored" in " ".join(err.split())
+    code, _, err = run_cli("bench", "--backbone", "vgg16")
+    assert code == 2 and "bench runs the embedded default (resnet50)" in " ".join(err.split())
+    s, m = _pair(tmp_path, "s")
+    for args in (["bench", str(model)], ["eval", str(model), "--dataset", "fss", "--data-root", str(tmp_path)],
+                 ["predict", str(model), "--query", s, "--support", s, m, "-o", str(tmp_path / "q.png")],
+                 ["serve", str(model)]):
+        code, _, err = run_cli(*args, "--backbone", "vgg16")
+        assert code == 2 and "--backbone is for an authors' checkpoint" in err, (args, err)
+    assert not (tmp_path / "q.png").exists()
+
+
+def test_eval_stopped_by_a_bad_file_keeps_the_counted_episodes_and_says_how_to_go_on(exported, tmp_path):
+    from synthetic_datasets import make_fss
+
+    model, _, _ = exported("resnet50")
+    root = make_fss(tmp_path / "data")  # classes in order Boat, apple, zebra_fish: 10 queries each
+    state = tmp_path / "s.json"
+    good = (root / "FSS-1000" / "apple" / "1.jpg").read_bytes()
+    (root / "FSS-1000" / "apple" / "1.jpg").write_bytes(b"not a jpeg")  # the 11th query, and apple's supports
+    args = ["eval", str(model), "--dataset", "fss", "--data-root", str(root), "--state", str(state)]
+    code, _, err = run_cli(*args)
+    text = " ".join(err.split())
+    assert code == 2 and "apple/1.jpg: cannot read image" in text
+    assert f"The totals of the 10 episodes before it are saved in {state}" in text and "--resume" in text
+    (root / "FSS-1000" / "apple" / "1.jpg").write_bytes(good)
+    code, resumed, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    code, whole, err = run_cli(*args[:-2], "--state", str(tmp_path / "whole.json"))
+    assert code == 0, err
+    assert resumed.split("mIoU")[1].split()[:3] == whole.split("mIoU")[1].split()[:3]
+    (root / "FSS-1000" / "Boat" / "1.jpg").write_bytes(b"not a jpeg")  # the first query: nothing counted
+    code, _, err = run_cli(*args)
+    assert code == 2 and "saved in" not in err and not state.exists()
+
+
+def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    import sys
+
+    import tomllib
+
+    from hsnet_deploy.__main__ import run
+
+    class Loading:
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "hsnet_deploy.cli", Loading())
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert stop.value.code == 130 and capsys.readouterr().err == "Interrupted.\n"
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["hsnet-deploy"] == "hsnet_deploy.__main__:run"
+
+
+def test_a_gated_variant_given_as_model_is_built_as_it_is(exported, tmp_path):
+    """build-engine m.fp16.onnx --backend tensorrt|onnxruntime: the variant's precision travels; only making a variant
+    of a variant is refused."""
+    from hsnet_deploy.artifacts import meta_to_props, props_to_meta
+    from hsnet_deploy.runtime.artifact import read_onnx_meta
+
+    proto = onnx.load(exported("resnet50")[0])
+    meta = props_to_meta({p.key: p.value for p in proto.metadata_props}) | {"precision": "fp16"}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta_to_props(meta))
+    variant = tmp_path / "m.fp16.onnx"  # the FP32 graph labelled FP16: the build does not look inside
+    onnx.save(proto, variant)
+    code, _, err = run_cli("build-engine", str(variant), "-o", str(tmp_path / "m.fp16.ort.onnx"))
+    assert code == 0, err
+    assert read_onnx_meta(tmp_path / "m.fp16.ort.onnx")["precision"] == "fp16"
+    code, _, err = run_cli("build-engine", str(variant), "--fp16", "-o", str(tmp_path / "again.onnx"))
+    assert code == 2 and "is already an FP16 variant; make the FP16 variant from the FP32 export" in err
+
+
+def test_second_audit_refusals_name_the_option_or_the_file(exported, tmp_path):
+    model, _, _ = exported("resnet50")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    cases = [
+        (["build-engine", str(model), "--fp16", "--fp16-keep", "mask,foo", "-o", str(tmp_path / "v.onnx")],
+         "--fp16-keep mask,foo: unknown group(s) foo"),
+        (["build-engine", str(model), "--int8", "--calib-data", str(calib), "--quantize", "", "-o",
+          str(tmp_path / "v.onnx")], "--quantize (empty): expected one or more of"),
+        (["build-engine", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "v.onnx")],
+         "missing.onnx: ONNX model not found"),
+        (["export", "--backbone", "resnet50", "--img-size", "16", "-o", str(tmp_path / "v.onnx")],
+         "--img-size 16: image height 16: too small for resnet50"),
+    ]
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    cases.append((["info", str(empty)], "empty.onnx: an empty file, not an ONNX model"))
+    plan = tmp_path / "other.plan"
+    plan.write_bytes(b"a plan from another tool")
+    (tmp_path / "other.plan.json").write_text("{}")
+    cases.append((["info", str(plan)], "other.plan.json: holds no hsnet-deploy metadata"))
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "v.onnx").exists()

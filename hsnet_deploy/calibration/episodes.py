@@ -162,8 +162,8 @@ def split_episodes(
 ) -> EpisodeSplit:
     """Seeded, disjoint calibration and gate sets; too few episodes for both is a UserError.
 
-    `calibrate=False` (FP16): the calibration set only shrinks to what is left after the gate's. The gate comes
-    first in the shuffle, so it is the same for FP16 and INT8 with the same seed and gate count.
+    `calibrate=False` (FP16, which calibrates nothing): the gate's episodes only. The gate comes first in the
+    shuffle, so it is the same for FP16 and INT8 with the same seed and gate count.
     """
     if calibrate and calib_episodes < MIN_CALIB_EPISODES:
         raise UserError(f"--calib-episodes {calib_episodes}: must be at least {MIN_CALIB_EPISODES}")
@@ -178,7 +178,7 @@ def split_episodes(
         unique.setdefault(ep.query_image, ep)
     pool = list(unique.values())
     if not calibrate:
-        calib_episodes = max(0, min(calib_episodes, len(pool) - gate_episodes))
+        calib_episodes = 0
     need = calib_episodes + gate_episodes
     if len(pool) < need:
         raise UserError(

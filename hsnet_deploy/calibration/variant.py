@@ -145,7 +145,7 @@ def _check_request(src: Path, precision: str, backend: str, calib_method: str, c
         raise UserError(f"{src}: is already a {meta['precision']} variant; make variants from the FP32 export")
     if precision == "int8" and calib_dir is None:
         raise UserError("--int8 needs --calib-data DIR (episodes to calibrate on and to gate with)")
-    stages = check_stages(quantize or DEFAULT_STAGES[backend]) if precision == "int8" else ()
+    stages = check_stages(DEFAULT_STAGES[backend] if quantize is None else quantize) if precision == "int8" else ()
     _require_quant_deps(precision, backend)
     return meta, stages
 

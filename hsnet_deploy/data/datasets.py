@@ -82,6 +82,9 @@ def _check_common(shots: int, episodes: int | None, fold: int | None = None) -> 
         raise UserError(f"--episodes {episodes}: must be at least 1")
     if fold is not None and not 0 <= fold < NFOLDS:
         raise UserError(f"--fold {fold}: must be 0..{NFOLDS - 1}")
+    if fold is not None and episodes is not None and episodes > EVAL_EPISODES:
+        raise UserError(f"--episodes {episodes}: the PASCAL-5i / COCO-20i test protocol has {EVAL_EPISODES} "
+                        "episodes (the authors' sequence); give at most that")
 
 
 def _dataset_dir(data_root: str | os.PathLike, name: str) -> Path:
@@ -112,7 +115,7 @@ def _splits_file(data_root: str | os.PathLike, splits_dir: str | os.PathLike | N
         base = Path(data_root) / "splits"
     path = base / rel
     if not path.is_file():
-        hint = "" if splits_dir is not None else " (copy the authors' data/splits folder there, or give splits_dir)"
+        hint = "" if splits_dir is not None else " (copy the authors' data/splits folder there, or give --splits DIR)"
         raise UserError(f"{path}: split file not found{hint}")
     return path
 
@@ -193,7 +196,7 @@ def fss_episodes(
         if len(categories) >= 1000:
             raise UserError(
                 f"{Path(data_root) / 'splits' / split_rel}: split file not found; the FSS-1000 {split} split is "
-                "the authors' fixed class list (copy their data/splits folder there, or give splits_dir)"
+                "the authors' fixed class list (copy their data/splits folder there, or give --splits DIR)"
             )
         offset = 0
         notes.append(f"no splits/{split_rel}: every one of the {len(categories)} class folders is a test class")

@@ -30,10 +30,16 @@ def read_onnx_meta(path: Path, require_meta: bool = True) -> dict:
     (a variant being gated, whose metadata is written once it passes)."""
     import onnx
 
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: is a folder, not an ONNX model" if path.is_dir() else f"{path}: ONNX model not found")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
         raise UserError(f"{path}: not a readable ONNX model (truncated or damaged? {type(exc).__name__})") from None
+    if not proto.graph.node:  # protobuf reads an empty file, and some junk, as an empty model
+        what = "an empty file" if path.stat().st_size == 0 else "a file with no graph in it"
+        raise UserError(f"{path}: {what}, not an ONNX model")
     meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
     if "backbone" not in meta and require_meta:
         raise UserError(f"{path}: an ONNX model without hsnet-deploy metadata; export it with `hsnet-deploy export`")
@@ -58,6 +64,9 @@ def inspect_artifact(path: str | Path, require_meta: bool = True) -> Artifact:
             meta = json.loads(sidecar.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{sidecar}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if require_meta and not (isinstance(meta, dict) and "backbone" in meta):
+            raise UserError(f"{sidecar}: holds no hsnet-deploy metadata (the plan's file from `hsnet-deploy "
+                            "build-engine --backend tensorrt`)")
         return Artifact(path, "tensorrt", meta)
     with open(path, "rb") as fh:
         head = fh.read(4)

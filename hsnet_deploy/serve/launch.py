@@ -41,6 +41,21 @@ def check_port_free(host: str, port: int) -> None:
             raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """An address that names a host and port (head:6379, ray://head:10001) must answer a TCP connection: Ray's own
+    client retries an unreachable one for minutes, printing C++ warnings, with no error at the end."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # `auto` and other forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        raise UserError(f"--address {address}: nothing answers at {host}:{port} ({reason}); start the Ray cluster's "
+                        "head there, or leave --address out for a local Ray") from None
+
+
 def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica: float, address: str | None,
                 say: Callable[[str], None], stop_after_s: float | None = None) -> None:
     """Deploy and block. `stop_after_s` (tests, benchmarks) stops the service after that long."""
@@ -53,6 +68,8 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
 
     if address is None:
         check_port_free(host, port)
+    else:
+        check_address(address)
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     try:
         context = ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False,

@@ -9,7 +9,7 @@ parse it into Triton's own `ModelConfig` message from `tritonclient`.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsnet_deploy.errors import UserError
@@ -18,6 +18,8 @@ from hsnet_deploy.runtime.ort_cuda import CUDA_EP_DEFAULTS
 from hsnet_deploy.runtime.trt_common import check_symmetric_int8
 
 MODEL_NAME = "hsnet"
+VERSION = 1  # the version folder written, and the only one the config lets Triton serve
+MODEL_FILES = ("model.onnx", "model.plan")
 INPUTS = ("query_img", "support_imgs", "support_masks")
 OUTPUTS = ("logits", "mask")
 # ONNX TensorProto element type -> Triton data type
@@ -34,6 +36,8 @@ class TritonRepo:
     max_batch_size: int
     config_text: str
     needs: str = ""  # what the server's runtime must be: an ONNX model's IR version and opset, a plan's TensorRT
+    removed: list[Path] = field(default_factory=list)  # an earlier run's model of the other kind in the version folder
+    other_versions: list[str] = field(default_factory=list)  # version folders beside ours, which the config leaves out
 
 
 def tensor_dims(img_size: int) -> dict[str, list[int]]:
@@ -90,7 +94,10 @@ def config_text(platform: str, max_batch: int, types: dict[str, str], img_size: 
             + _tensor_block("input", INPUTS, types, dims) + _tensor_block("output", OUTPUTS, types, dims)
             + f"dynamic_batching {{\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
               f"  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
-            + f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n")
+            + f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]\n"
+            # Triton's default policy serves the highest version folder: pinned, so a folder an earlier
+            # deployment left (hsnet/2/) cannot take the place of the model just written.
+            + f"version_policy: {{ specific: {{ versions: [ {VERSION} ] }} }}\n")
     if platform == "onnxruntime_onnx" and accelerator != "none":
         if accelerator == "tensorrt":
             mode = {"fp16": "FP16", "int8": "INT8"}.get(precision, "FP32")
@@ -156,7 +163,8 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
                        accelerator=accelerator, precision=precision, queue_delay_us=queue_delay_us,
                        workspace_gib=workspace_gib)
     model_dir = Path(out_dir) / MODEL_NAME
-    version_dir = model_dir / "1"
+    check_repository(Path(out_dir), model_dir, art.path)
+    version_dir = model_dir / str(VERSION)
     try:
         version_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -168,4 +176,23 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
         shutil.copyfile(art.path, tmp)
     config_path = model_dir / "config.pbtxt"
     write_bytes_atomic(config_path, text.encode())
-    return TritonRepo(config_path, model_path, platform, max_batch, text, needs)
+    # An earlier run's model of the other kind (1/model.plan beside a new 1/model.onnx) would be a second model in
+    # the version Triton serves; the config names the platform, so it is removed, and said.
+    removed = [version_dir / name for name in MODEL_FILES if name != filename and (version_dir / name).is_file()]
+    for path in removed:
+        path.unlink()
+    others = sorted(p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and p.name != str(VERSION))
+    return TritonRepo(config_path, model_path, platform, max_batch, text, needs, removed, others)
+
+
+def check_repository(out_dir: Path, model_dir: Path, artifact: Path) -> None:
+    """The repository folder may be new, but not its parent (a mistyped path is not created); the artifact must not
+    lie in the model folder this command rewrites."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: -o must be a folder (the repository), and this is a file")
+    parent = out_dir.absolute().parent
+    if not out_dir.exists() and not parent.is_dir():
+        raise UserError(f"{out_dir}: folder {parent} does not exist (-o may be a new folder, in an existing one)")
+    if artifact.resolve().is_relative_to(model_dir.resolve()):
+        raise UserError(f"{artifact}: lies in {model_dir}, the model folder this command writes; copy it out of the "
+                        "repository first")
