@@ -103,9 +103,13 @@ def describe_artifact(path: str | os.PathLike) -> dict:
     info: dict = {"path": str(art.path), "kind": art.kind, "bytes": stat.st_size,
                   "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stat.st_mtime))}
     if art.kind == "checkpoint":
+        from hsnet_deploy.model import describe_checkpoint
+
+        info["checkpoint"] = describe_checkpoint(art.path)  # read with weights_only, as a run reads it: junk is an Error
         info["sha256"] = sha256_file(art.path)
-        info["note"] = "a PyTorch checkpoint carries no hsnet-deploy metadata; it runs eagerly (--backbone if " \
-                       "it is the authors' best_model.pt)"
+        info["note"] = ("this project's checkpoint: it records its backbone" if "backbone" in info["checkpoint"] else
+                        "the authors' format records no backbone: give --backbone when running it") + \
+            "; a checkpoint runs eagerly in PyTorch"
         return info
     meta = dict(art.meta)
     stages = meta.pop("stages", None)
@@ -153,6 +157,11 @@ def environment_rows(env: dict) -> list[tuple[str, str]]:
 def artifact_rows(info: dict) -> list[tuple[str, str]]:
     rows = [("path", info["path"]), ("kind", info["kind"]), ("size", f"{info['bytes'] / 2**20:.1f} MiB")]
     if info["kind"] == "checkpoint":
+        facts = info["checkpoint"]
+        backbone = facts.get("backbone") or (f"not recorded (keys look like {facts['backbone_from_keys']})"
+                                             if facts.get("backbone_from_keys") else "not recorded")
+        rows += [("format", facts["checkpoint_format"]), ("backbone", backbone),
+                 ("tensors", f"{facts['tensors']} ({facts['parameters'] / 1e6:.1f}M values)")]
         return rows + [("sha256", info["sha256"]), ("note", info["note"])]
     rows += [(k, _fmt(v)) for k, v in info["metadata"].items()]
     rows += [(f"version {k}", _fmt(v)) for k, v in info["versions"].items()]

@@ -664,3 +664,26 @@ def test_second_audit_refusals_name_the_option_or_the_file(exported, tmp_path):
         code, _, err = run_cli(*args)
         assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
     assert not (tmp_path / "v.onnx").exists()
+
+
+def test_info_reads_a_checkpoint_as_a_run_would(tmp_path):
+    """Junk named .pt is an Error (it was shown as a checkpoint, with exit 0); ours shows its recorded backbone, the
+    authors' the one its keys point to."""
+    import torch
+
+    from hsnet_deploy.model import save_checkpoint, seeded_model
+
+    model = seeded_model("resnet50")
+    save_checkpoint(model, tmp_path / "own.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "authors.pt")
+    (tmp_path / "junk.pt").write_text("junk")
+    code, _, err = run_cli("info", str(tmp_path / "junk.pt"))
+    assert code == 2 and "junk.pt: not a readable PyTorch checkpoint" in err
+    expected_values = sum(v.numel() for v in model.state_dict().values())
+    for name, backbone in (("own.pt", "resnet50"), ("authors.pt", "not recorded (keys look like resnet50)")):
+        code, out, err = run_cli("info", str(tmp_path / name), "--json", str(tmp_path / f"{name}.json"))
+        assert code == 0, err
+        assert backbone in out
+        facts = json.loads((tmp_path / f"{name}.json").read_text())["checkpoint"]
+        assert facts["tensors"] == len(model.state_dict()) and facts["parameters"] == expected_values
+    assert facts["checkpoint_format"] == "authors" and facts["backbone_from_keys"] == "resnet50"

@@ -2,7 +2,7 @@
 
 from hsnet_deploy.model.backbones import BACKBONES, feature_sizes
 from hsnet_deploy.model.center_pivot import CenterPivotConv4d
-from hsnet_deploy.model.checkpoint import load_checkpoint, save_checkpoint, seeded_model
+from hsnet_deploy.model.checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint, seeded_model
 from hsnet_deploy.model.hsnet import HSNet, check_image_size, kshot_vote, mask_at_size, valid_image_sizes
 from hsnet_deploy.model.layout import ExportLayout
 
@@ -12,6 +12,7 @@ __all__ = [
     "ExportLayout",
     "HSNet",
     "check_image_size",
+    "describe_checkpoint",
     "feature_sizes",
     "kshot_vote",
     "load_checkpoint",

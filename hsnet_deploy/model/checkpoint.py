@@ -99,6 +99,39 @@ def check_state_dict(state: dict, model: HSNet, path: Path) -> None:
         raise UserError(f"{path}: {len(bad)} tensors have the wrong shape for {model.backbone_name}: {_listed(bad)}")
 
 
+def _contents(path: Path) -> tuple[dict, str | None, bool | None, str]:
+    """(state_dict, recorded backbone, recorded masking switch, "hsnet-deploy" | "authors") of a checkpoint file:
+    our format records the backbone and the switch; the authors' (with or without `module.`) records neither."""
+    obj = _read(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not an HSNet checkpoint (holds a {type(obj).__name__}, expected a state_dict)")
+    if obj.get("format") == FORMAT:
+        mask_support = obj.get("mask_support")
+        return obj["state_dict"], obj["backbone"], None if mask_support is None else bool(mask_support), "hsnet-deploy"
+    state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not an HSNet checkpoint (no tensors keyed by parameter name)")
+    return state, None, None, "authors"
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What `info` shows of a checkpoint: its format, the backbone it records (ours) or its keys point to (the
+    authors'), and its size in tensors; a file that is no checkpoint is an Error, as when it is run."""
+    path = Path(path)
+    state, recorded, mask_support, source = _contents(path)
+    facts = {"checkpoint_format": source, "tensors": len(state),
+             "parameters": sum(int(v.numel()) for v in state.values() if isinstance(v, torch.Tensor))}
+    if recorded:
+        facts["backbone"] = recorded
+    else:
+        facts["backbone_from_keys"] = guess_backbone(list(state))
+    if mask_support is not None:
+        facts["mask_support"] = mask_support
+    return facts
+
+
 def load_checkpoint(path: str | os.PathLike, backbone: str | None = None, mask_support: bool | None = None) -> HSNet:
     """An eval-mode HSNet from the authors' `best_model.pt` (with or without `module.`) or our own format.
 
@@ -106,33 +139,23 @@ def load_checkpoint(path: str | os.PathLike, backbone: str | None = None, mask_s
     is required there (a wrong one is reported with the backbone the keys point to).
     """
     path = Path(path)
-    obj = _read(path)
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: not an HSNet checkpoint (holds a {type(obj).__name__}, expected a state_dict)")
-    if obj.get("format") == FORMAT:
-        recorded = obj["backbone"]
+    state, recorded, recorded_masking, source = _contents(path)
+    if recorded is not None:
         if backbone is not None and backbone != recorded:
             raise UserError(f"{path}: records backbone {recorded}, but {backbone} was asked for")
         backbone = recorded
-        state = obj["state_dict"]
         if mask_support is None:
-            mask_support = bool(obj.get("mask_support", True))
-    else:
-        state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
-        if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
-        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise UserError(f"{path}: not an HSNet checkpoint (no tensors keyed by parameter name)")
-        if backbone is None:
-            guess = guess_backbone(list(state))
-            hint = f" (its keys look like {guess})" if guess else ""
-            raise UserError(f"{path}: an authors' checkpoint does not record its backbone; pass --backbone{hint}")
+            mask_support = True if recorded_masking is None else recorded_masking
+    elif backbone is None:
+        guess = guess_backbone(list(state))
+        hint = f" (its keys look like {guess})" if guess else ""
+        raise UserError(f"{path}: an authors' checkpoint does not record its backbone; pass --backbone{hint}")
     if backbone not in BACKBONES:
         raise UserError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
     model = HSNet(backbone, mask_support=True if mask_support is None else mask_support)
     check_state_dict(state, model, path)
     model.load_state_dict(state, strict=True)
-    model.source_format = "hsnet-deploy" if obj.get("format") == FORMAT else "authors"
+    model.source_format = source
     return model.eval()
 
 
