@@ -736,10 +736,17 @@ def _say_stopped(signals: SignalState) -> None:
 
 def _run_cli(signals: SignalState) -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="hsnet-deploy")
     except click.exceptions.Abort:  # click's form of Ctrl-C (and of SIGTERM, see termination.py)
         click.echo("Terminated (SIGTERM)." if signals.received else "Aborted.", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except click.UsageError as exc:  # a bad option value or a missing argument: one line, like every refusal
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `hsnet-deploy` alone: the help
+            exc.show()
+        else:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

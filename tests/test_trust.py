@@ -687,3 +687,15 @@ def test_info_reads_a_checkpoint_as_a_run_would(tmp_path):
         facts = json.loads((tmp_path / f"{name}.json").read_text())["checkpoint"]
         assert facts["tensors"] == len(model.state_dict()) and facts["parameters"] == expected_values
     assert facts["checkpoint_format"] == "authors" and facts["backbone_from_keys"] == "resnet50"
+
+
+def test_a_bad_option_value_is_one_error_line_like_every_refusal():
+    cases = [(["bench", "--iters", "x"],
+              "Error: Invalid value for '--iters' / '-n': 'x' is not a valid integer (see 'hsnet-deploy bench --help')"),
+             (["frob"], "Error: No such command 'frob' (see 'hsnet-deploy --help')"),
+             (["export"], "Error: Missing option '-o' / '--output' (see 'hsnet-deploy export --help')")]
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and [line for line in err.splitlines() if line.strip()] == [message], err
+    code, out, err = run_cli()  # no command: the help, as before
+    assert code == 2 and "Commands:" in out + err
