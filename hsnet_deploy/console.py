@@ -89,7 +89,7 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[object]], 
 
 
 COLUMN_GAP = 3  # the spaces rich puts between two columns of `table`
-MIN_LABEL_WIDTH = 12
+MIN_LABEL_WIDTH = 16  # below it, rich wraps the figures' headers instead
 
 
 def number(value: float) -> str:
