@@ -138,8 +138,8 @@ def evaluate(artifact: str, state: str, json_path: str | None, resume: bool = Fa
 
     progress = interrupted_run(state)
     if progress is not None:
-        raise UserError(f"{state}: holds an interrupted run ({progress[0]} of {progress[1]} episodes counted); "
-                        "continue it with --resume, or delete the file to start over")
+        raise UserError(f"{state}: holds an interrupted run ({progress[2]}: {progress[0]} of {progress[1]} episodes "
+                        "counted); continue it with --resume, or delete the file to start over")
 
 
 def eval_state_after_error(state: str) -> str:

@@ -309,10 +309,10 @@ def test_eval_keeps_an_interrupted_runs_state_unless_resumed(exported, tmp_path)
     root = make_fss(tmp_path / "data")
     state = tmp_path / "state.json"
     text = json.dumps({"format": "hsnet-deploy-eval-state/1", "next_episode": 4, "complete": False,
-                       "settings": {"episodes": 30}})
+                       "settings": {"episodes": 30, "dataset": "fss", "fold": 0, "shots": 1}})
     state.write_text(text)
     code, _, err = run_cli("eval", str(path), "--dataset", "fss", "--data-root", str(root), "--state", str(state))
-    assert code == 2 and "holds an interrupted run (4 of 30 episodes counted)" in err and "--resume" in err
+    assert code == 2 and "holds an interrupted run (fss, 1-shot: 4 of 30 episodes counted)" in err and "--resume" in err
     assert state.read_text() == text
 
 

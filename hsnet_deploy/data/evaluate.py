@@ -175,9 +175,9 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def interrupted_run(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(episodes counted, episodes in all) of the unfinished run saved at `path`; None when there is no file or
-    its run finished; a UserError when the file is no evaluation state."""
+def interrupted_run(path: str | os.PathLike) -> tuple[int, int, str] | None:
+    """(episodes counted, episodes in all, what was evaluated) of the unfinished run saved at `path`; None when
+    there is no file or its run finished; a UserError when the file is no evaluation state."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -185,7 +185,10 @@ def interrupted_run(path: str | os.PathLike) -> tuple[int, int] | None:
         saved = json.loads(path.read_text())
         if saved.get("complete"):
             return None
-        return int(saved["next_episode"]), int(saved["settings"]["episodes"])
+        settings = saved["settings"]
+        fold = "" if settings.get("dataset") == "fss" else f" fold {settings.get('fold')}"
+        what = f"{settings.get('dataset', '?')}{fold}, {settings.get('shots', '?')}-shot"
+        return int(saved["next_episode"]), int(settings["episodes"]), what
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path}: exists and is no evaluation state; move it away or give another --state") from None
 
