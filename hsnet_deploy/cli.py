@@ -730,15 +730,15 @@ def main() -> None:
             raise
 
 
-def _say_stopped(signals: SignalState) -> None:
-    click.echo("Terminated (SIGTERM)." if signals.received else "Interrupted.", err=True)
+def _say_stopped(signals: SignalState, ctrl_c: str = "Interrupted.") -> None:
+    click.echo("Terminated (SIGTERM)." if signals.received else ctrl_c, err=True)
 
 
 def _run_cli(signals: SignalState) -> None:
     try:
         cli.main(standalone_mode=False, prog_name="hsnet-deploy")
     except click.exceptions.Abort:  # click's form of Ctrl-C (and of SIGTERM, see termination.py)
-        click.echo("Terminated (SIGTERM)." if signals.received else "Aborted.", err=True)
+        _say_stopped(signals, ctrl_c="Aborted.")
         sys.exit(EXIT_INTERRUPTED)
     except click.UsageError as exc:  # a bad option value or a missing argument: one line, like every refusal
         if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # `hsnet-deploy` alone: the help

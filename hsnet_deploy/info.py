@@ -203,19 +203,20 @@ def recipe_rows(other: dict) -> list[tuple[str, str]]:
         rows.append(("variant backend", str(variant["backend"])))
     calib = other.get("calibration")
     if calib:
-        if calib.get("layout") == "synthetic":
-            data = f"synthetic episodes, seed {calib.get('seed')}"
-        else:
-            counted = calib.get("calib_episodes", 0)  # FP16 calibrates nothing: none drawn (earlier: unused)
-            data = (f"{calib.get('root', '?')} ({calib.get('layout')} layout, seed {calib.get('seed')}): "
-                    + (f"{counted} calibration episodes" if counted and "quantized_stages" in variant else ""))
+        counts = []
+        if calib.get("calib_episodes") and "quantized_stages" in variant:  # FP16 calibrates nothing (older: unused)
+            counts.append(f"{calib['calib_episodes']} calibration episodes")
         gate = calib.get("gate_episodes")
         truth = calib.get("ground_truth_episodes")
         if truth is None and "ground_truth" in calib:  # metadata written before the count: all or none
             truth = gate if calib["ground_truth"] else 0
         if gate is not None:
-            data += ("" if data.endswith(" ") else ", ") + f"{gate} gate episodes" + (
-                "" if truth is None else f" ({truth} with ground truth)")
+            counts.append(f"{gate} gate episodes" + ("" if truth is None else f" ({truth} with ground truth)"))
+        if calib.get("layout") == "synthetic":
+            data = ", ".join([f"synthetic episodes, seed {calib.get('seed')}", *counts])
+        else:
+            data = (f"{calib.get('root', '?')} ({calib.get('layout')} layout, seed {calib.get('seed')}): "
+                    + ", ".join(counts))
         rows.append(("episodes", data))
     return rows
 

@@ -138,8 +138,8 @@ def evaluate(artifact: str, state: str, json_path: str | None, resume: bool = Fa
 
     progress = interrupted_run(state)
     if progress is not None:
-        raise UserError(f"{state}: holds an interrupted run ({progress[2]}: {progress[0]} of {progress[1]} episodes "
-                        "counted); continue it with --resume, or delete the file to start over")
+        raise UserError(f"{state}: holds an interrupted run ({progress.name}: {progress.counted} of {progress.total} "
+                        "episodes counted); continue it with --resume, or delete the file to start over")
 
 
 def eval_state_after_error(state: str) -> str:
@@ -153,10 +153,10 @@ def eval_state_after_error(state: str) -> str:
         return ""
     if progress is None:
         return ""
-    if progress[0] == 0:
+    if progress.counted == 0:
         Path(state).unlink(missing_ok=True)
         return ""
-    return (f"\nThe totals of the {progress[0]} episodes before it are saved in {state}; once the file is fixed, "
+    return (f"\nThe totals of the {progress.counted} episodes before it are saved in {state}; once the file is fixed, "
             f"continue with:\n  {resume_command()}")
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from rich.console import Console
@@ -175,9 +176,23 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def interrupted_run(path: str | os.PathLike) -> tuple[int, int, str] | None:
-    """(episodes counted, episodes in all, what was evaluated) of the unfinished run saved at `path`; None when
-    there is no file or its run finished; a UserError when the file is no evaluation state."""
+def split_name(dataset: str, fold: int | None) -> str:
+    """The test split a run evaluates, in the progress bar and in messages: `fss`, `pascal fold 2` (FSS-1000 has one
+    test split, no folds)."""
+    return dataset if dataset == "fss" else f"{dataset} fold {fold}"
+
+
+class SavedRun(NamedTuple):
+    """An unfinished run's state file: episodes counted, episodes in all, and what was evaluated (split, shots)."""
+
+    counted: int
+    total: int
+    name: str
+
+
+def interrupted_run(path: str | os.PathLike) -> SavedRun | None:
+    """The unfinished run saved at `path`; None when there is no file or its run finished; a UserError when the
+    file is no evaluation state."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -186,9 +201,8 @@ def interrupted_run(path: str | os.PathLike) -> tuple[int, int, str] | None:
         if saved.get("complete"):
             return None
         settings = saved["settings"]
-        fold = "" if settings.get("dataset") == "fss" else f" fold {settings.get('fold')}"
-        what = f"{settings.get('dataset', '?')}{fold}, {settings.get('shots', '?')}-shot"
-        return int(saved["next_episode"]), int(settings["episodes"]), what
+        name = f"{split_name(settings.get('dataset', '?'), settings.get('fold'))}, {settings.get('shots', '?')}-shot"
+        return SavedRun(int(saved["next_episode"]), int(settings["episodes"]), name)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path}: exists and is no evaluation state; move it away or give another --state") from None
 
@@ -340,13 +354,13 @@ def evaluate(
         raise UserError("original-size evaluation is defined for PASCAL-5i and COCO-20i only (as the authors')")
     run = _RunState(eset, _settings(eset, img_size, original_size, batch, fingerprint), state_path, resume)
 
-    fold = "" if eset.dataset == "fss" else f" fold {eset.fold}"  # FSS-1000 has one test split, no folds
     bar = progress_bar(console=console, enabled=progress)
     loader = (_Prefetcher(eset.episodes, run.start, batch, img_size, prefetch, workers)
               if run.start < run.total else None)
     try:
         with bar:
-            task = bar.add_task(f"{eset.dataset}{fold} {eset.shots}-shot", total=run.total, completed=run.start,
+            task = bar.add_task(f"{split_name(eset.dataset, eset.fold)} {eset.shots}-shot", total=run.total,
+                                completed=run.start,
                                 status=f"mIoU {_fmt(run.acc)}")
             for item in loader or ():
                 t0 = time.perf_counter()

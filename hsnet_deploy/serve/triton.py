@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.outputs import check_output_folder
 from hsnet_deploy.runtime.artifact import inspect_artifact
 from hsnet_deploy.runtime.ort_cuda import CUDA_EP_DEFAULTS
 from hsnet_deploy.runtime.trt_common import check_symmetric_int8
@@ -188,11 +189,10 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
 def check_repository(out_dir: Path, model_dir: Path, artifact: Path) -> None:
     """The repository folder may be new, but not its parent (a mistyped path is not created); the artifact must not
     lie in the model folder this command rewrites."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: -o must be a folder (the repository), and this is a file")
     parent = out_dir.absolute().parent
     if not out_dir.exists() and not parent.is_dir():
         raise UserError(f"{out_dir}: folder {parent} does not exist (-o may be a new folder, in an existing one)")
+    check_output_folder(out_dir, "-o")  # a folder, writable (or creatable)
     if artifact.resolve().is_relative_to(model_dir.resolve()):
         raise UserError(f"{artifact}: lies in {model_dir}, the model folder this command writes; copy it out of the "
                         "repository first")
