@@ -25,6 +25,8 @@ def check_output_path(path: str | os.PathLike) -> Path:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise UserError(f"{out}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{out}: directory {parent} is not writable")
     return out

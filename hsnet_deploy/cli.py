@@ -337,7 +337,7 @@ def bench(artifacts, batch, shots, iters, warmup, device, threads, backbone, img
     if report_path:
         from hsnet_deploy.report import require_plotting
 
-        require_plotting(report_path)
+        require_plotting(report_path, [("--json", json_path)])
     if batch < 1 or shots < 1 or iters < 1 or warmup < 0:
         raise UserError("--batch, --shots and --iters must be at least 1, --warmup at least 0")
     check_bench(list(artifacts), device, cuda_graph, json_path, _options_given())
@@ -448,6 +448,8 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     from hsnet_deploy.data.datasets import build_episodes
     from hsnet_deploy.data.evaluate import evaluate
     from hsnet_deploy.data.paper import PAPER_MIOU, paper_miou
+    from hsnet_deploy.info import run_record
+    from hsnet_deploy.runtime.bench import machine_info
 
     state = preflight.eval_state_path(artifact, state_path)
     preflight.evaluate(artifact, state, json_path, resume)
@@ -456,7 +458,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     if report_path:
         from hsnet_deploy.report import ExtremeEpisodes, require_plotting
 
-        require_plotting(report_path)
+        require_plotting(report_path, [("--json", json_path), ("--state", state)])
         extremes = ExtremeEpisodes()
     if threads:
         import torch
@@ -496,8 +498,11 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
               f"{result.episodes / max(result.seconds, 1e-9):.2f} episodes/s")
     for note in result.notes:
         err.print(f"[dim]note: {note}[/]")
+    settings = {"dataset": dataset, "data_root": str(data_root), "fold": fold, "shots": shots, "episodes": episodes,
+                "batch": batch, "original_size": original_size, "device": device, "threads": threads}
     report = {**result.to_dict(), "runner": info.label, "artifact": str(artifact),
-              "paper_miou": PAPER_MIOU.get((dataset, backbone_name)) if authors else None}
+              "paper_miou": PAPER_MIOU.get((dataset, backbone_name)) if authors else None,
+              "machine": machine_info(), **run_record(settings)}
     write_json(json_path, report, "evaluation")
     if report_path:
         from hsnet_deploy.report import write_eval_report

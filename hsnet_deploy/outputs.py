@@ -62,6 +62,8 @@ def check_output_folder(folder: str | os.PathLike, label: str, inputs: Labelled 
     existing = path
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: {label}: {existing} is a file, so no folder can be made under it")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "folder" if existing == path else f"folder {existing} (to create {path} in)"
         raise UserError(f"{path}: {label}: {what} is not writable")

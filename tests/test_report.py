@@ -81,6 +81,8 @@ def test_eval_report_has_class_iou_and_episode_grids(exported, tmp_path):
     for cid in result["class_iou"]:
         assert f"{cid} {result['class_names'][cid]}" in text  # every class of the JSON is on the page
     assert f"{result['miou']:.3g}" in text and f"{result['fb_iou']:.3g}" in text
+    assert "machine" in text and result["machine"]["cpu"] in text  # the README promises the machine
+    assert result["settings"]["episodes"] == 6 and result["command"][:2] == ["hsnet-deploy", "eval"]
 
 
 def test_eval_report_draws_the_paper_figure_for_authors_weights(tmp_path, monkeypatch):
@@ -141,6 +143,70 @@ def test_report_never_overwrites_a_folder_that_is_not_a_report(tmp_path):
     code, _, err = run_cli("bench", "--iters", "1", "--report", str(target))
     assert code == 2 and "not empty" in err
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+SMALL_SUITE = {"backbone": "resnet50", "img_size": 64, "batch": 1, "shots": 1, "machine": {"cpu": "x"},
+               "results": [{"label": "r", "artifact": "m.onnx", "times_ms": [1.0, 2.0], "iters": 2,
+                            "latency_ms": {"mean": 1.5, "p50": 1.5, "p99": 2.0}, "stages_ms": {},
+                            "episodes_per_s": 1}]}
+
+
+def test_report_never_empties_a_folder_that_only_has_an_index_html(tmp_path):
+    """A user's site with its own index.html is not an earlier report: refused, nothing deleted."""
+    site = tmp_path / "site"
+    (site / "photos").mkdir(parents=True)
+    (site / "index.html").write_text("<html><title>my site</title></html>")
+    (site / "notes.txt").write_text("precious")
+    code, _, err = run_cli("bench", "--iters", "1", "--report", str(site))
+    assert code == 2 and "holds no earlier report" in err
+    assert (site / "notes.txt").read_text() == "precious" and (site / "photos").is_dir()
+
+
+def test_report_refuses_an_earlier_report_that_gained_other_files(tmp_path):
+    out = write_bench_report(SMALL_SUITE, tmp_path / "rep")
+    (out / "notes.txt").write_text("mine")
+    (out / "extra").mkdir()
+    code, _, err = run_cli("bench", "--iters", "1", "--report", str(out))
+    assert code == 2 and "extra/, notes.txt" in err and "would delete" in err
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    (out / "extra").rmdir()
+    write_bench_report(SMALL_SUITE, out)  # an earlier report alone is replaced
+    assert (out / "bench.json").is_file()
+
+
+def test_every_file_a_report_writes_is_known_as_a_report_file(tmp_path):
+    """The refusal above must not catch a report's own files: each one it writes is in REPORT_FILES."""
+    from hsnet_deploy.report.page import REPORT_FILES
+
+    extremes = ExtremeEpisodes(keep=1)
+    img, mask = np.zeros((3, 32, 32), np.float32), np.zeros((32, 32), np.float32)
+    extremes.offer(0, "c", img, img, mask, mask, mask, inter_fg=1, union_fg=2)
+    result = {"dataset": "fss", "fold": 0, "shots": 1, "episodes": 1, "miou": 50.0, "fb_iou": 60.0,
+              "class_iou": {"0": 50.0}, "class_names": {"0": "cat"}, "seconds": 1.0}
+    suite = {**SMALL_SUITE, "results": [{**SMALL_SUITE["results"][0], "stages_ms": {"backbone": 1.0},
+                                         "speedup_vs_eager": 1.2, "gflop_per_s": 3.0}],
+             "matmul_gflop_per_s": 10.0}
+    written = {p.name for p in write_bench_report(suite, tmp_path / "b").iterdir()}
+    written |= {p.name for p in write_eval_report(result, extremes, tmp_path / "e").iterdir()}
+    assert {"latency.png", "stages.png", "speedup.png", "gflops.png", "episodes_best.png"} <= written
+    assert written <= REPORT_FILES
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_json_inside_the_report_folder_is_refused_before_any_work(exported, tmp_path, monkeypatch, command):
+    """The report replaces its folder as a whole: a --json written into it would be deleted after 'Wrote'."""
+    path, _, _ = exported("resnet50")
+    opened = []
+    monkeypatch.setattr("hsnet_deploy.cli._open_runner", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr("hsnet_deploy.runtime.suite.run_suite", lambda *a, **k: opened.append(a))
+    rep = write_bench_report(SMALL_SUITE, tmp_path / "rep")  # an earlier report: the folder exists
+    args = ["--dataset", "fss", "--data-root", str(tmp_path)] if command == "eval" else ["--iters", "1"]
+    code, _, err = run_cli(command, str(path), *args, "--report", str(rep), "--json", str(rep / "mine.json"))
+    assert code == 2 and "--json" in err and "inside the --report folder" in err and not opened
+    if command == "eval":
+        code, _, err = run_cli(command, str(path), *args, "--report", str(rep), "--state", str(rep / "s.json"))
+        assert code == 2 and "--state" in err and "inside the --report folder" in err and not opened
 
 
 def test_interrupted_report_leaves_the_previous_one(tmp_path, monkeypatch):

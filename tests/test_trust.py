@@ -699,3 +699,57 @@ def test_a_bad_option_value_is_one_error_line_like_every_refusal():
         assert code == 2 and [line for line in err.splitlines() if line.strip()] == [message], err
     code, out, err = run_cli()  # no command: the help, as before
     assert code == 2 and "Commands:" in out + err
+
+
+def test_third_audit_outputs_under_a_file_and_damaged_plan_metadata(exported, tmp_path):
+    """An output path under an existing FILE was accepted, then failed as an internal error after the work; a plan's
+    sidecar that is not UTF-8, has a field of the wrong type or no image size crashed whatever read it first."""
+    model, _, _ = exported("resnet50")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    q, s, m = (*_pair(tmp_path, "q"), _pair(tmp_path, "s")[1])
+    cases = [
+        (["info", str(model), "--json", str(afile / "x.json")], "afile is a file, not a directory (--json)"),
+        (["predict", str(model), "--query", q, "--support", q, m, "-o", str(afile / "x.png")],
+         "afile is a file, not a directory"),
+        (["predict", str(model), "--query", str(tmp_path), "--support", q, m, "-o", str(afile / "sub")],
+         "is a file, so no folder can be made under it"),
+    ]
+    plan = tmp_path / "b.plan"
+    plan.write_bytes(b"plan")
+    sidecars = [
+        (b"\xff\xfe{", "not a text file (not UTF-8)"),
+        (b'{"backbone": "resnet50", "img_size": 64, "gate": "yes"}', "metadata field 'gate' is \"yes\", expected an "
+                                                                     "object"),
+        (b'{"backbone": "resnet50", "img_size": 64, "stages": [1]}', "field 'stages' is [1], expected an object"),
+        (b'{"backbone": "resnet50", "img_size": "abc"}', "field 'img_size' is \"abc\", expected an integer"),
+        (b'{"backbone": "resnet50", "img_size": true}', "field 'img_size' is true, expected an integer"),
+        (b'{"backbone": "resnet50", "img_size": 0}', "field 'img_size' is 0, expected a size in pixels"),
+        (b'{"backbone": "resnet50"}', "metadata has no 'img_size'"),
+    ]
+    for raw, message in sidecars:
+        for command in (["info", str(plan)], ["predict", str(plan), "--query", q, "--support", q, m, "-o",
+                                              str(tmp_path / "o.png")]):
+            (tmp_path / "b.plan.json").write_bytes(raw)
+            code, _, err = run_cli(*command)
+            assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (raw, err)
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_third_audit_threads_apply_to_an_eager_checkpoint(tmp_path, monkeypatch):
+    """`predict --threads 1` on a PyTorch checkpoint ran on every core: eager PyTorch's threads are the process's."""
+    import torch
+
+    from hsnet_deploy.model import save_checkpoint, seeded_model
+    from hsnet_deploy.runtime.artifact import open_artifact
+
+    save_checkpoint(seeded_model("resnet50"), tmp_path / "own.pt")
+    before = torch.get_num_threads()
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n))
+    open_artifact(tmp_path / "own.pt", "cpu", threads=1)
+    open_artifact(tmp_path / "own.pt", "cpu")
+    assert set_to == [1] and torch.get_num_threads() == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from hsnet_deploy.errors import UserError
@@ -19,13 +20,14 @@ PLOT_INSTALL = 'pip install -e ".[plot]"  (or: pip install matplotlib)'
 __all__ = ["ExtremeEpisodes", "require_plotting", "write_bench_report", "write_eval_report"]
 
 
-def require_plotting(path: str | os.PathLike) -> Path:
-    """Check, before the work, that a report can be drawn and written at `path`."""
+def require_plotting(path: str | os.PathLike, outputs: Sequence[tuple[str, str | None]] = ()) -> Path:
+    """Check, before the work, that a report can be drawn and written at `path`, apart from the command's
+    other `outputs` ((option, path) pairs)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError(f"--report needs matplotlib, which is not installed: {PLOT_INSTALL}") from None
-    return check_report_dir(path)
+    return check_report_dir(path, outputs)
 
 
 def _stamp() -> str:
@@ -131,7 +133,8 @@ def write_eval_report(result: dict, extremes: ExtremeEpisodes | None, path: str 
     page = Page(f"hsnet-deploy eval: {result.get('dataset')} {result.get('shots')}-shot, "
                 f"{result.get('episodes')} episodes")
     with report_dir(path) as folder:
-        page.facts([("date", result.get("timestamp") or _stamp()), ("runner", result.get("runner", "-")),
+        page.facts([("date", result.get("timestamp") or _stamp()), ("machine", _pairs(result.get("machine", {}))),
+                    ("runner", result.get("runner", "-")),
                     ("artifact", result.get("artifact", "-")), ("versions", _pairs(result.get("versions") or versions())),
                     ("settings", _pairs({k: result.get(k) for k in ("dataset", "fold", "shots", "img_size",
                                                                      "original_size", "episodes")})),

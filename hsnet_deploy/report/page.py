@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from hsnet_deploy.errors import UserError
@@ -24,14 +24,32 @@ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}img{max-width:100
 p.q{color:#555;font-style:italic;margin:.2em 0 .6em}"""
 
 
-def check_report_dir(path: str | os.PathLike) -> Path:
-    """Refuse, before any work, a report folder that could not be written or would overwrite something
-    that is not a report."""
+# Every file a report writes (report/__init__.py): a report replaces its whole folder, so a folder holding anything
+# else is refused rather than emptied.
+REPORT_FILES = frozenset({"index.html", "bench.json", "eval.json", "latency.png", "stages.png", "speedup.png",
+                          "gflops.png", "class_iou.png", "fb_iou.png", "episodes_worst.png", "episodes_best.png"})
+TITLE_MARK = "<title>hsnet-deploy "  # how every report's page begins (Page.write)
+
+
+def check_report_dir(path: str | os.PathLike, outputs: Sequence[tuple[str, str | None]] = ()) -> Path:
+    """Refuse, before any work, a report folder that could not be written or whose replacement would delete
+    something that is not a report: other files in it, or the command's other outputs (`outputs`: option, path)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"--report {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").exists():
-        raise UserError(f"--report {out}: folder is not empty and holds no earlier report; choose another")
+    if out.is_dir() and any(out.iterdir()):
+        if not _holds_report(out):
+            raise UserError(f"--report {out}: folder is not empty and holds no earlier report; choose another")
+        foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir()
+                         if not (e.is_file() and e.name in REPORT_FILES))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(f"--report {out}: besides an earlier report the folder holds {shown}, which replacing "
+                            "the report would delete; move them or choose another folder")
+    for label, other in outputs:
+        if other and _inside(Path(other), out):
+            raise UserError(f"{label} {other}: inside the --report folder {out}, which the report replaces as a "
+                            "whole; choose a path outside it")
     ancestor = out.parent  # missing folders above the report are made when it is written
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -40,6 +58,18 @@ def check_report_dir(path: str | os.PathLike) -> Path:
     if not os.access(ancestor, os.W_OK):
         raise UserError(f"--report {out}: folder {ancestor} is not writable")
     return out
+
+
+def _holds_report(folder: Path) -> bool:
+    try:
+        with open(folder / "index.html", encoding="utf-8", errors="replace") as fh:
+            return TITLE_MARK in fh.read(4096)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 @contextlib.contextmanager

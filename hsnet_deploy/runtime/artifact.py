@@ -17,6 +17,19 @@ from hsnet_deploy.runtime.base import Runner
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 
+# The metadata fields that code reads, by the JSON type they must have. A sidecar is plain JSON a person can
+# edit (and ONNX metadata can be rewritten with onnx's API); a field of the wrong type is refused here, naming
+# it, instead of crashing whatever reads it first.
+META_FIELD_TYPES: dict[str, type] = {
+    **dict.fromkeys(("format", "backbone", "precision", "weights", "source_model", "source_sha256",
+                     "tensorrt_version", "gpu_name", "compute_capability", "plan_sha256", "ort_version",
+                     "ort_device"), str),
+    **dict.fromkeys(("img_size", "opset", "seed"), int),
+    **dict.fromkeys(("versions", "tool_versions", "preprocessing", "verification", "stages", "variant", "gate",
+                     "calibration", "profile"), dict),
+}
+JSON_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object"}
+
 
 @dataclass
 class Artifact:
@@ -43,9 +56,27 @@ def read_onnx_meta(path: Path, require_meta: bool = True) -> dict:
     meta = props_to_meta({p.key: p.value for p in proto.metadata_props})
     if "backbone" not in meta and require_meta:
         raise UserError(f"{path}: an ONNX model without hsnet-deploy metadata; export it with `hsnet-deploy export`")
+    check_meta(meta, path, require_meta)
     names = {i.name for i in proto.graph.input}
     if names != set(INPUT_NAMES):
         raise UserError(f"{path}: inputs {sorted(names)} are not HSNet's (query_img, support_imgs, support_masks)")
+    return meta
+
+
+def check_meta(meta: object, where: Path, require_meta: bool = True) -> dict:
+    """The metadata as a dict whose known fields have their types and a usable image size, else `Error:`."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: the metadata is a JSON {type(meta).__name__}, expected an object")
+    for key, want in META_FIELD_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise UserError(f"{where}: metadata field {key!r} is {shown}, expected {JSON_TYPE_NAMES[want]}")
+    if require_meta and "img_size" not in meta:
+        raise UserError(f"{where}: metadata has no 'img_size' (the image size the model was exported for)")
+    if "img_size" in meta and meta["img_size"] < 1:
+        raise UserError(f"{where}: metadata field 'img_size' is {meta['img_size']}, expected a size in pixels")
     return meta
 
 
@@ -61,13 +92,17 @@ def inspect_artifact(path: str | Path, require_meta: bool = True) -> Artifact:
         if not sidecar.is_file():
             raise UserError(f"{path}: TensorRT plan without its metadata file {sidecar.name}")
         try:
-            meta = json.loads(sidecar.read_text())
+            meta = json.loads(sidecar.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{sidecar}: not a text file (not UTF-8); expected the plan's JSON metadata") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{sidecar}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except OSError as exc:
+            raise UserError(f"{sidecar}: cannot be read ({exc.strerror})") from None
         if require_meta and not (isinstance(meta, dict) and "backbone" in meta):
             raise UserError(f"{sidecar}: holds no hsnet-deploy metadata (the plan's file from `hsnet-deploy "
                             "build-engine --backend tensorrt`)")
-        return Artifact(path, "tensorrt", meta)
+        return Artifact(path, "tensorrt", check_meta(meta, sidecar, require_meta))
     with open(path, "rb") as fh:
         head = fh.read(4)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip or legacy pickle: a torch checkpoint
@@ -101,6 +136,8 @@ def open_artifact(
         from hsnet_deploy.runtime.torch_runner import TorchRunner
 
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        if threads:  # eager PyTorch's threads are the process's (ONNX Runtime's are per session)
+            torch.set_num_threads(threads)
         return TorchRunner(load_checkpoint(art.path, backbone), dev, precision or "fp32", str(art.path))
 
     if precision and "precision" not in art.meta:
