@@ -199,20 +199,21 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
 @click.option("--gate-episodes", default=16, show_default=True, type=click.IntRange(1),
               help="Held-out episodes for the accuracy gate (none shared with calibration).")
 @click.option("--fold", default=0, show_default=True, help="Fold, when --calib-data is a PASCAL/COCO layout.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the calibration / gate draw.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the calibration / gate draw.")
 @click.option("--quantize", "quantize", default=None,
               help="INT8: stages to quantise, comma-separated from backbone,correlation,learner,decoder "
                    "[default per backend: measured, see README].")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="INT8: how activation ranges are taken from the calibration episodes.")
-@click.option("--gate-max-miou-drop", type=float,
+@click.option("--gate-max-miou-drop", type=click.FloatRange(0, 100),
               help="Gate: largest mIoU drop in points, over episodes with a query mask [1.0].")
-@click.option("--gate-min-agreement", type=float,
+@click.option("--gate-min-agreement", type=click.FloatRange(0, 1),
               help="Gate: smallest mean IoU of variant vs FP32 masks [0.95].")
-@click.option("--gate-min-worst-agreement", type=float, help="Gate: smallest per-episode IoU vs FP32 [off].")
-@click.option("--gate-min-sign-agreement", type=float,
+@click.option("--gate-min-worst-agreement", type=click.FloatRange(0, 1), help="Gate: smallest per-episode IoU vs FP32 [off].")
+@click.option("--gate-min-sign-agreement", type=click.FloatRange(0, 1),
               help="Gate: smallest margin-weighted fg-bg sign agreement [0.999].")
-@click.option("--gate-max-logit-error", type=float, help="Gate: largest relative logit error [off].")
+@click.option("--gate-max-logit-error", type=click.FloatRange(0), help="Gate: largest relative logit error [off].")
 @click.option("--fp16-keep", default="mask,l2norm,groupnorm,vote", show_default=True,
               help="FP16: groups kept in FP32 (mask = support-mask path, required; the rest are precautions).")
 @click.option("--variant-onnx", type=click.Path(dir_okay=False),
@@ -446,7 +447,7 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
     from hsnet_deploy.artifacts import sha256_file
     from hsnet_deploy.console import err, out, table
     from hsnet_deploy.data.datasets import build_episodes
-    from hsnet_deploy.data.evaluate import evaluate
+    from hsnet_deploy.data.evaluate import StateRefused, evaluate
     from hsnet_deploy.data.paper import PAPER_MIOU, paper_miou
     from hsnet_deploy.info import run_record
     from hsnet_deploy.runtime.bench import machine_info
@@ -484,6 +485,8 @@ def eval_cmd(artifact, dataset, data_root, splits_dir, fold, shots, episodes, ba
         err.print(f"[yellow]Interrupted.[/] The totals of the finished episodes are saved in {state}; resume "
                   f"with:\n  {preflight.resume_command()}")
         sys.exit(EXIT_INTERRUPTED)
+    except StateRefused:
+        raise
     except UserError as exc:  # a bad file met mid-run: what was counted before it is kept, and said
         raise UserError(f"{exc}{preflight.eval_state_after_error(state)}") from None
     rows = [(f"{cid} {result.class_names.get(cid, '')}".strip(), iou) for cid, iou in result.class_iou.items()]
@@ -670,11 +673,13 @@ def serve(artifact, host, port, replicas, gpus_per_replica, max_batch, batch_wai
     """
     from hsnet_deploy import preflight
     from hsnet_deploy.console import err
-    from hsnet_deploy.runtime.artifact import inspect_artifact
+    from hsnet_deploy.runtime.artifact import check_device_here, inspect_artifact
     from hsnet_deploy.serve.launch import run_service
 
     inspect_artifact(artifact)  # a missing or damaged file is an Error now, not a failing replica later
     preflight.backbone_option([artifact], _options_given())
+    if address is None:  # a cluster's replicas may have the GPUs this machine lacks
+        check_device_here(artifact, device)
     from hsnet_deploy.serve.config import ServeConfig
 
     config = ServeConfig(str(Path(artifact).resolve()), device, backbone, threads, max_batch, batch_wait_ms,

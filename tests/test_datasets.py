@@ -324,3 +324,21 @@ def test_missing_data_file_is_found_before_the_run(pascal_root):
     (pascal_root / "VOC2012/JPEGImages/2008_000006.jpg").unlink()
     with pytest.raises(UserError, match=r"2008_000006\.jpg: file not found"):
         pascal_episodes(pascal_root, episodes=12)
+
+
+def test_a_split_file_that_is_not_utf8_is_an_error_and_a_windows_bom_is_read(tmp_path):
+    """A split file of other bytes was an internal error (UnicodeDecodeError); one saved by a Windows editor (UTF-16
+    with its byte-order mark, or UTF-8 with one) reads as the same lines."""
+    root = make_pascal(tmp_path / "data")
+    split = root / "splits" / "pascal" / "val" / "fold0.txt"
+    expected = build_episodes("pascal", root, fold=0, shots=1)
+    text = split.read_text()
+    for encoded in (b"\xef\xbb\xbf" + text.encode("utf-8"), text.encode("utf-16"), text.encode("utf-16-be")):
+        if encoded[:2] not in (b"\xff\xfe", b"\xfe\xff", b"\xef\xbb"):
+            encoded = b"\xfe\xff" + encoded  # utf-16-be has no BOM of its own: add it
+        split.write_bytes(encoded)
+        got = build_episodes("pascal", root, fold=0, shots=1)
+        assert got.episodes == expected.episodes and len(got.episodes) > 0
+    split.write_bytes(b"\x98\x00\xc3" + text.encode("utf-8"))
+    with pytest.raises(UserError, match="fold0.txt: not a readable split file .not UTF-8 text: byte 0"):
+        build_episodes("pascal", root, fold=0, shots=1)

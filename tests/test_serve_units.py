@@ -82,6 +82,51 @@ def test_uploads_refuse_with_status():
     assert support.images.shape == (2, 3, 16, 16) and support.masks.shape == (2, 16, 16) and empty == [2]
 
 
+def test_uploads_within_the_servers_pixel_limit_pass_whatever_the_process_limit_was(monkeypatch):
+    """The ingress actor kept preprocess's CLI default (40 MP), so an image under the server's --max-pixels was
+    refused with 400 and CLI advice; the server's limit now governs its readers."""
+    from hsnet_deploy.data import preprocess
+
+    monkeypatch.setitem(preprocess._limits, "max_pixels", 100)  # a process limit far below the server's
+    img = png(np.full((20, 30, 3), 100, np.uint8))  # 600 pixels: over 100, within LIMITS' 200,000
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:20] = 255
+    support, _ = uploads.support_set([img], [png(mask)], 16, LIMITS)
+    assert support.images.shape == (1, 3, 16, 16)
+    assert uploads.query(img, 16, LIMITS)[0].shape == (3, 16, 16)
+
+
+def test_replicas_that_cannot_be_placed_are_refused_on_a_local_ray():
+    """Ray Serve waits for ever, silently, for CPUs or GPUs nobody will add: a local Ray refuses now, a cluster
+    (whose autoscaler may add nodes) gets a note."""
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.serve.launch import check_resources
+
+    two_cpus = {"CPU": 2.0, "memory": 1e9}
+    assert check_resources(two_cpus, replicas=2, cpus=1, gpus_per_replica=0, local=True) is None
+    with pytest.raises(UserError, match="--replicas 3 x 1 CPU each .--threads. needs 3 CPUs; this machine has 2"):
+        check_resources(two_cpus, replicas=3, cpus=1, gpus_per_replica=0, local=True)
+    with pytest.raises(UserError, match="--replicas 1 x 4 CPU each .--threads. needs 4 CPUs"):
+        check_resources(two_cpus, replicas=1, cpus=4, gpus_per_replica=0, local=True)
+    with pytest.raises(UserError, match="--gpus-per-replica 1 needs 1 GPUs; this machine has 0"):
+        check_resources(two_cpus, replicas=1, cpus=1, gpus_per_replica=1, local=True)
+    note = check_resources(two_cpus, replicas=3, cpus=1, gpus_per_replica=0, local=False)
+    assert "the cluster has 2" in note and "start once the cluster has them" in note
+    assert check_resources({"CPU": 8, "GPU": 1}, replicas=4, cpus=2, gpus_per_replica=0.25, local=True) is None
+
+
+def test_serve_on_cuda_without_cuda_is_refused_before_ray_starts(exported, monkeypatch):
+    from conftest import run_cli
+
+    from hsnet_deploy.serve import launch
+
+    started = []
+    monkeypatch.setattr(launch, "run_service", lambda *a, **k: started.append(a))
+    model = exported("resnet50")[0]
+    code, _, err = run_cli("serve", str(model), "--device", "cuda")
+    assert code == 2 and "--device cuda, but ONNX Runtime has no CUDA provider here" in err and not started
+
+
 def test_cli_and_help_work_without_ray():
     """`import hsnet_deploy`, `--help` and `serve --help` never import Ray; `serve` without it says how to
     install it (exit 2), and triton-repo needs neither Ray nor Triton."""
@@ -178,6 +223,9 @@ class _FakeRay:
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # stands for Ray's C-level handler (dump and abort)
         return types.SimpleNamespace(address_info={"gcs_address": "127.0.0.1:1"})
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
 
     def _run(self, *_args, **_kw):
         import signal

@@ -707,7 +707,7 @@ def test_third_audit_outputs_under_a_file_and_damaged_plan_metadata(exported, tm
     model, _, _ = exported("resnet50")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    q, s, m = (*_pair(tmp_path, "q"), _pair(tmp_path, "s")[1])
+    q, m = _pair(tmp_path, "q")
     cases = [
         (["info", str(model), "--json", str(afile / "x.json")], "afile is a file, not a directory (--json)"),
         (["predict", str(model), "--query", q, "--support", q, m, "-o", str(afile / "x.png")],
@@ -719,8 +719,7 @@ def test_third_audit_outputs_under_a_file_and_damaged_plan_metadata(exported, tm
     plan.write_bytes(b"plan")
     sidecars = [
         (b"\xff\xfe{", "not a text file (not UTF-8)"),
-        (b'{"backbone": "resnet50", "img_size": 64, "gate": "yes"}', "metadata field 'gate' is \"yes\", expected an "
-                                                                     "object"),
+        (b'{"backbone": "resnet50", "img_size": 64, "gate": "yes"}', "field 'gate' is \"yes\", expected an object"),
         (b'{"backbone": "resnet50", "img_size": 64, "stages": [1]}', "field 'stages' is [1], expected an object"),
         (b'{"backbone": "resnet50", "img_size": "abc"}', "field 'img_size' is \"abc\", expected an integer"),
         (b'{"backbone": "resnet50", "img_size": true}', "field 'img_size' is true, expected an integer"),
@@ -753,3 +752,55 @@ def test_third_audit_threads_apply_to_an_eager_checkpoint(tmp_path, monkeypatch)
     open_artifact(tmp_path / "own.pt", "cpu", threads=1)
     open_artifact(tmp_path / "own.pt", "cpu")
     assert set_to == [1] and torch.get_num_threads() == before
+
+
+def test_third_audit_build_engine_and_eval_refusals(exported, tmp_path, monkeypatch):
+    """build-engine: --device with a variant was silently dropped, a seed outside NumPy's range and a gate threshold
+    outside [0, 1] were internal errors or a 'failed gate' after the work. eval: resuming with other settings
+    advised 'once the file is fixed' and repeated the refused command."""
+    from synthetic_datasets import make_fss
+
+    import hsnet_deploy.cli as cli_module
+
+    model, _, _ = exported("resnet50")
+    out = str(tmp_path / "v.onnx")
+    cases = [
+        (["build-engine", str(model), "--fp16", "--device", "cuda", "-o", out], "--device: picks the device an FP32 "
+                                                                                "build is optimised for"),
+        (["build-engine", str(model), "--fp16", "--seed", "-1", "-o", out], "--seed': -1 is not in the range"),
+        (["build-engine", str(model), "--fp16", "--seed", str(2**32), "-o", out], "is not in the range 0<=x<=4294967295"),
+        (["build-engine", str(model), "--fp16", "--gate-min-agreement", "2", "-o", out], "2.0 is not in the range"),
+        (["build-engine", str(model), "--fp16", "--gate-max-logit-error", "-0.1", "-o", out], "not in the range x>=0"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
+    assert not Path(out).exists()
+
+    root = make_fss(tmp_path / "data")
+    real_open = cli_module._open_runner
+
+    def stops_on_the_third_call(*args, **kwargs):
+        runner, calls = real_open(*args, **kwargs), []
+        infer = runner.infer
+
+        def counted(feed):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return infer(feed)
+
+        runner.infer = counted
+        return runner
+
+    monkeypatch.setattr(cli_module, "_open_runner", stops_on_the_third_call)
+    args = ["eval", str(model), "--dataset", "fss", "--data-root", str(root), "--episodes", "6"]
+    code, _, err = run_cli(*args)
+    assert code == 130, err
+    monkeypatch.setattr(cli_module, "_open_runner", real_open)
+    code, _, err = run_cli(*args, "--batch", "2", "--resume")
+    text = " ".join(err.split())
+    assert code == 2 and "saved by a run with other settings (batch differ: batch 1 saved, 2 now)" in text, err
+    assert "once the file is fixed" not in text and "--batch 2 --resume" not in text
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err

@@ -118,6 +118,12 @@ def _find(files: list[Path], stem: str) -> Path | None:
     return next((f for f in files if f.stem == stem and f.suffix.lower() in IMAGE_SUFFIXES), None)
 
 
+def _support_number(stem: str) -> int | None:
+    """N of a `support<N>` image's stem (not of its `_mask`), else None."""
+    digits = stem.removeprefix("support")
+    return int(digits) if digits != stem and digits.isdigit() else None
+
+
 def simple_episodes(root: Path) -> list[Episode]:
     """The simple layout; a folder with a query but no complete support pair is an error, not skipped."""
     episodes = []
@@ -134,10 +140,11 @@ def simple_episodes(root: Path) -> list[Episode]:
             i += 1
         if not supports:
             raise UserError(f"{folder}: episode without supports (expected support1.jpg and support1_mask.png)")
-        gap = _find(files, f"support{i + 1}")
-        if gap is not None:
-            raise UserError(f"{gap}: support{i} is missing before it; number the supports support1, support2, ... "
-                            "without gaps")
+        beyond = sorted((n, f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES
+                        and (n := _support_number(f.stem)) is not None and n > i - 1)
+        if beyond:
+            raise UserError(f"{beyond[0][1]}: support{i} is missing before it; number the supports support1, support2, "
+                            "... without gaps")
         episodes.append(Episode(len(episodes), 0, "episode", query, _find(files, "query_mask"), tuple(supports),
                                 tuple(masks), user_masks=True, label=folder.name))
     return episodes

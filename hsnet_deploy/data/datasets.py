@@ -123,8 +123,14 @@ def _splits_file(data_root: str | os.PathLike, splits_dir: str | os.PathLike | N
 def _read_lines(path: Path) -> list[str]:
     # Universal newlines: the authors' fss/*.txt files end lines with \r\n. Blank lines are skipped (the
     # authors drop only the last, empty, element after the final newline).
-    with open(path, encoding="utf-8") as fh:
-        return [line.strip() for line in fh.read().split("\n") if line.strip()]
+    # A byte-order mark (what Windows editors write) picks UTF-16 or is dropped; other bytes that are not UTF-8
+    # mean this is not a split file.
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a readable split file (not UTF-8 text: byte {exc.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _draw(rng: np.random.RandomState, n: int) -> int:

@@ -207,6 +207,11 @@ def interrupted_run(path: str | os.PathLike) -> SavedRun | None:
         raise UserError(f"{path}: exists and is no evaluation state; move it away or give another --state") from None
 
 
+class StateRefused(UserError):
+    """The state file itself cannot be resumed by this run (unreadable, or saved with other settings): no episode
+    ran, so the advice for a run stopped part-way by a bad data file does not apply."""
+
+
 def _load_state(path: Path, settings: dict) -> dict | None:
     if not path.exists():
         return None
@@ -215,13 +220,13 @@ def _load_state(path: Path, settings: dict) -> dict | None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"format {state.get('format')!r}")
     except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"{path}: not a readable evaluation state ({exc})") from None
+        raise StateRefused(f"{path}: not a readable evaluation state ({exc})") from None
     if state["fingerprint"] != _fingerprint(settings):
         saved = state.get("settings", {})
         diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         values = [f"{k} {saved.get(k)} saved, {settings.get(k)} now" for k in diff
                   if not k.endswith(("digest", "sha256")) and len(str(saved.get(k))) < 40]
-        raise UserError(
+        raise StateRefused(
             f"{path}: saved by a run with other settings ({', '.join(diff)} differ"
             + (f": {'; '.join(values)}" if values else "") + "); resume with the saved settings (a resumed run "
             "repeats the same calls, so its totals equal an uninterrupted run's), or delete the file to start over"

@@ -110,6 +110,25 @@ def inspect_artifact(path: str | Path, require_meta: bool = True) -> Artifact:
     return Artifact(path, "onnx", read_onnx_meta(path, require_meta))
 
 
+def check_device_here(path: str | Path, device: str) -> None:
+    """`--device cuda` on a machine whose backend for `path` has no CUDA: an Error now. `serve` asks before Ray starts
+    its replicas, which would otherwise fail half a minute later without saying why."""
+    if device != "cuda":
+        return
+    art = inspect_artifact(path)
+    if art.kind == "onnx":
+        from hsnet_deploy.runtime.ort_runner import available_providers
+
+        if "CUDAExecutionProvider" not in available_providers():
+            raise UserError(f"{path}: --device cuda, but ONNX Runtime has no CUDA provider here "
+                            "(pip install onnxruntime-gpu)")
+    elif art.kind == "checkpoint":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{path}: --device cuda, but this PyTorch sees no CUDA device")
+
+
 def open_artifact(
     path: str | Path,
     device: str = "auto",

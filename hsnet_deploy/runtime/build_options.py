@@ -31,6 +31,10 @@ def check_build_options(backend: str, precision: str, given: set[str]) -> None:
             flag = "FP32" if precision == "fp32" else f"--{precision}"
             raise UserError(f"{', '.join(used)}: for --{other} only; {flag} would ignore "
                             f"{'it' if len(used) == 1 else 'them'}")
+    if backend == "onnxruntime" and precision != "fp32" and "--device" in given:
+        raise UserError(f"--device: picks the device an FP32 build is optimised for; the --{precision} variant is a "
+                        "portable ONNX model that any device runs, so it would be ignored (optimise the variant "
+                        "with a second, plain build-engine run if you want that)")
     if precision == "fp32" and (used := sorted(given & VARIANT_ONLY)):
         raise UserError(f"{', '.join(used)}: for --fp16 or --int8 (the accuracy gate); an FP32 build would "
                         "ignore it")

@@ -56,6 +56,22 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                         "head there, or leave --address out for a local Ray") from None
 
 
+def check_resources(cluster: dict, replicas: int, cpus: float, gpus_per_replica: float, local: bool) -> str | None:
+    """Ray Serve waits, silently and for ever, until every replica's CPUs and GPUs are free somewhere. On a local Ray
+    nothing will add them, so a shortfall is an Error now; a cluster's autoscaler may add nodes, so there it is a
+    note (returned) and the start waits."""
+    needs = [("CPU", replicas * cpus, f"--replicas {replicas} x {cpus:g} CPU each (--threads)"),
+             ("GPU", replicas * gpus_per_replica, f"--replicas {replicas} x --gpus-per-replica {gpus_per_replica:g}")]
+    for resource, need, why in needs:
+        have = float(cluster.get(resource, 0.0))
+        if need > have + 1e-9:
+            what = f"{why} needs {need:g} {resource}s; {'this machine' if local else 'the cluster'} has {have:g}"
+            if local:
+                raise UserError(f"{what}; lower --replicas or --threads, or join a larger cluster with --address")
+            return f"{what} now: the replicas start once the cluster has them (its autoscaler, or more nodes)"
+    return None
+
+
 def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica: float, address: str | None,
                 say: Callable[[str], None], stop_after_s: float | None = None) -> None:
     """Deploy and block. `stop_after_s` (tests, benchmarks) stops the service after that long."""
@@ -89,8 +105,11 @@ def run_service(config, *, host: str, port: int, replicas: int, gpus_per_replica
     # app ... will not be applied", the latter about serve.run's defaults, not ours); the `say` lines tell it.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
-        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         cpus = float(config.threads or 1)
+        note = check_resources(ray.cluster_resources(), replicas, cpus, gpus_per_replica, local=address is None)
+        if note:
+            say(f"note: {note}")
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         try:
             serve.run(build_app(config, replicas, gpus_per_replica, cpus), name=APP_NAME, route_prefix="/",
                       logging_config={"log_level": "WARNING"})

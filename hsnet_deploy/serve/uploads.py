@@ -20,6 +20,7 @@ from hsnet_deploy.data.preprocess import (
     load_binary_mask,
     load_image,
     mask_to_tensor,
+    set_max_pixels,
 )
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.serve.store import SupportSet
@@ -66,6 +67,9 @@ def _checked(data: bytes, label: str, limits: Limits) -> NamedUpload:
     if width * height > limits.max_pixels:
         raise RequestError(413, f"{label}: {width}x{height} = {width * height} pixels, over the server's limit "
                                 f"of {limits.max_pixels}")
+    # The readers' own decode limit is per process (the CLI's --max-megapixels, 40 MP by default); for an upload
+    # it is the server's --max-pixels, checked above, so an image within it is never refused (or reduced) again.
+    set_max_pixels(limits.max_pixels)
     return NamedUpload(data, label)
 
 
