@@ -116,15 +116,26 @@ def meta_to_props(meta: dict) -> dict[str, str]:
     return {META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in meta.items()}
 
 
+# Metadata fields whose values are text: stored as they are, and read back as text even where they look like JSON
+# (a version "1.20" would otherwise come back as the number 1.2).
+TEXT_FIELDS = frozenset({"format", "backbone", "precision", "weights", "source_model", "source_sha256",
+                         "checkpoint_sha256", "tensorrt_version", "gpu_name", "compute_capability", "plan_sha256",
+                         "ort_version", "ort_device"})
+
+
 def props_to_meta(props: dict[str, str]) -> dict:
     meta = {}
     for key, value in props.items():
         if not key.startswith(META_PREFIX):
             continue
+        name = key[len(META_PREFIX):]
+        if name in TEXT_FIELDS:
+            meta[name] = value
+            continue
         try:
-            meta[key[len(META_PREFIX):]] = json.loads(value)
+            meta[name] = json.loads(value)
         except json.JSONDecodeError:
-            meta[key[len(META_PREFIX):]] = value
+            meta[name] = value
     return meta
 
 

@@ -33,7 +33,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 def max_pixels_option(func):
     """--max-megapixels: the decode limit for every image and mask the command reads."""
-    from hsnet_deploy.data.preprocess import DEFAULT_MAX_MEGAPIXELS
+    from hsnet_deploy.data.limits import DEFAULT_MAX_MEGAPIXELS
 
     def apply(_ctx, _param, value):
         from hsnet_deploy.data.preprocess import set_max_pixels

@@ -3,6 +3,7 @@ profiling through the interface, and no code outside runtime/ naming a runner cl
 
 import ast
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -73,6 +74,57 @@ def test_base_class_checks_state(exported):
             runner.activate()
         assert runner.infer(feed)["mask"].shape == (1, EXPORT_SIZE, EXPORT_SIZE)
     assert not runner.active
+
+
+def test_every_runner_refuses_inputs_outside_the_contract_with_the_same_words(exported):
+    """infer never checked its inputs: PyTorch ran uint8 images unnormalised and K = 0 episodes, ONNX Runtime failed
+    deep in a Mul node; masks of -1 / 1 gave the two backends different answers. Now both refuse, naming the input."""
+    import numpy as np
+    import torch
+
+    from hsnet_deploy.errors import UserError
+
+    path, _, model = exported("resnet50")
+    feed = random_feed(1, 2, EXPORT_SIZE)
+    q, s, m = (feed[n] for n in ("query_img", "support_imgs", "support_masks"))
+    cases = [
+        ({**feed, "support_imgs": (s * 50).astype(np.uint8)}, "support_imgs: dtype uint8, the model takes float32"),
+        ({**feed, "query_img": q.astype(np.float64)}, "query_img: dtype float64"),
+        ({**feed, "query_img": np.concatenate([q, q])}, "do not fit query_img (B, 3, H, W)"),
+        ({**feed, "support_masks": m[:, :1]}, "support_masks (1, 1, "),
+        ({**feed, "support_imgs": s[:, :0], "support_masks": m[:, :0]}, "B = 1, K = 0: an episode needs"),
+        ({**feed, "support_masks": m * 2 - 1}, "support_masks: values from -1 to 1"),
+        ({**feed, "support_masks": np.full_like(m, np.nan)}, "support_masks: values from nan"),
+        ({k: torch.from_numpy(v) for k, v in feed.items()}, "query_img: a Tensor; infer takes numpy arrays"),
+        ({**feed, "extra": q}, "inputs: unknown extra"),
+        ({"query_img": q, "support_imgs": s}, "inputs: missing support_masks"),
+        ((q, s, m), "infer takes a dict of numpy arrays"),
+    ]
+    small = random_feed(1, 1, EXPORT_SIZE // 2)
+    for runner in (open_artifact(path, "cpu"), open_model(model, "cpu")):
+        with runner:
+            for bad, message in cases:
+                with pytest.raises(UserError, match=re.escape(message)):
+                    runner.infer(bad)
+            assert runner.inference_times == []  # refused before the timer and the backend
+            if runner.fixed_image_size:
+                with pytest.raises(UserError, match=f"images are {EXPORT_SIZE // 2}x{EXPORT_SIZE // 2}, the model "
+                                                    f"takes {EXPORT_SIZE}x{EXPORT_SIZE}"):
+                    runner.infer(small)
+            else:  # eager PyTorch takes any valid size
+                assert runner.infer(small)["mask"].shape == (1, EXPORT_SIZE // 2, EXPORT_SIZE // 2)
+            assert runner.infer({**feed, "support_masks": m * 0.5})["mask"].shape == (1, EXPORT_SIZE, EXPORT_SIZE)
+
+
+def test_open_artifact_refuses_an_unknown_device_and_a_backbone_the_file_contradicts(exported):
+    from hsnet_deploy.errors import UserError
+
+    path, _, _ = exported("resnet50")
+    with pytest.raises(UserError, match="device 'gpu': expected auto, cpu or cuda"):
+        open_artifact(path, "gpu")  # ran on the CPU, labelled 'onnxruntime-gpu'
+    with pytest.raises(UserError, match="records backbone resnet50, but vgg16 was asked for"):
+        open_artifact(path, "cpu", backbone="vgg16")
+    assert open_artifact(path, "cpu", backbone="resnet50").info.backbone == "resnet50"
 
 
 def test_stage_profiling_is_one_call_and_leaves_no_temp_dir(exported, tmp_path, monkeypatch):

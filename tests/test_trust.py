@@ -708,11 +708,14 @@ def test_third_audit_outputs_under_a_file_and_damaged_plan_metadata(exported, tm
     afile = tmp_path / "afile"
     afile.write_text("x")
     q, m = _pair(tmp_path, "q")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    _pair(queries, "a")
     cases = [
         (["info", str(model), "--json", str(afile / "x.json")], "afile is a file, not a directory (--json)"),
         (["predict", str(model), "--query", q, "--support", q, m, "-o", str(afile / "x.png")],
          "afile is a file, not a directory"),
-        (["predict", str(model), "--query", str(tmp_path), "--support", q, m, "-o", str(afile / "sub")],
+        (["predict", str(model), "--query", str(queries), "--support", q, m, "-o", str(afile / "sub")],
          "is a file, so no folder can be made under it"),
     ]
     plan = tmp_path / "b.plan"
@@ -765,8 +768,7 @@ def test_third_audit_build_engine_and_eval_refusals(exported, tmp_path, monkeypa
     model, _, _ = exported("resnet50")
     out = str(tmp_path / "v.onnx")
     cases = [
-        (["build-engine", str(model), "--fp16", "--device", "cuda", "-o", out], "--device: picks the device an FP32 "
-                                                                                "build is optimised for"),
+        (["build-engine", str(model), "--fp16", "--device", "cuda", "-o", out], "--device: picks the device an FP32"),
         (["build-engine", str(model), "--fp16", "--seed", "-1", "-o", out], "--seed': -1 is not in the range"),
         (["build-engine", str(model), "--fp16", "--seed", str(2**32), "-o", out], "is not in the range 0<=x<=4294967295"),
         (["build-engine", str(model), "--fp16", "--gate-min-agreement", "2", "-o", out], "2.0 is not in the range"),

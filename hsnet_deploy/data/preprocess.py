@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hsnet_deploy.artifacts import IMAGENET_MEAN, IMAGENET_STD
+from hsnet_deploy.data.limits import DEFAULT_MAX_MEGAPIXELS
 from hsnet_deploy.errors import UserError
 
 IMG_SIZE = 400  # authors' test.py: FSSDataset.initialize(img_size=400, ...)
 IGNORE_LABEL = 255  # authors' common/evaluation.py: PASCAL boundary pixels
 
 
-DEFAULT_MAX_MEGAPIXELS = 40.0  # a 48 MP phone photo in JPEG still decodes (reduced); a 150 MP PNG does not
 _limits = {"max_pixels": int(DEFAULT_MAX_MEGAPIXELS * 1e6)}
 DRAFT_SCALES = (2, 4, 8)  # what a JPEG decoder can reduce by while decoding (DCT scaling)
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsnet_deploy.artifacts import INPUT_NAMES, props_to_meta
+from hsnet_deploy.artifacts import INPUT_NAMES, TEXT_FIELDS, props_to_meta
 from hsnet_deploy.errors import UserError
 from hsnet_deploy.runtime.base import Runner
 
@@ -21,9 +21,7 @@ ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 # edit (and ONNX metadata can be rewritten with onnx's API); a field of the wrong type is refused here, naming
 # it, instead of crashing whatever reads it first.
 META_FIELD_TYPES: dict[str, type] = {
-    **dict.fromkeys(("format", "backbone", "precision", "weights", "source_model", "source_sha256",
-                     "tensorrt_version", "gpu_name", "compute_capability", "plan_sha256", "ort_version",
-                     "ort_device"), str),
+    **dict.fromkeys(TEXT_FIELDS, str),
     **dict.fromkeys(("img_size", "opset", "seed"), int),
     **dict.fromkeys(("versions", "tool_versions", "preprocessing", "verification", "stages", "variant", "gate",
                      "calibration", "profile"), dict),
@@ -147,7 +145,12 @@ def open_artifact(
     an eager checkpoint's precision, or an ONNX model's when its metadata is not written yet
     (`require_meta=False`: a variant being gated).
     """
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device {device!r}: expected auto, cpu or cuda")
     art = inspect_artifact(path, require_meta)
+    recorded = art.meta.get("backbone")
+    if backbone and recorded and backbone != recorded:
+        raise UserError(f"{art.path}: records backbone {recorded}, but {backbone} was asked for")
     if art.kind == "checkpoint":
         import torch
 

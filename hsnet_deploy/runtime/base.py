@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hsnet_deploy.artifacts import INPUT_NAMES, OUTPUT_NAMES
+from hsnet_deploy.errors import UserError
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "Runner", "RunnerInfo", "input_shapes"]
 STAGES = ("backbone", "correlation", "learner", "decoder", "other")
@@ -28,6 +29,45 @@ def input_shapes(batch, shots, height: int, width: int) -> dict[str, tuple]:
     """The contract's input shapes for B episodes of K shots at H x W."""
     return {"query_img": (batch, 3, height, width), "support_imgs": (batch, shots, 3, height, width),
             "support_masks": (batch, shots, height, width)}
+
+
+def check_feed(feed: object, img_size: int | None = None) -> None:
+    """Refuse, naming the input, what the contract's inputs are not: float32 numpy arrays (B, 3, H, W),
+    (B, K, 3, H, W), (B, K, H, W) with one B >= 1, K >= 1, H and W (`img_size` where the artifact fixes it) and
+    masks within [0, 1]. Without it each backend failed its own way, or ran: PyTorch took uint8 images
+    unnormalised, and ONNX Runtime and PyTorch gave different answers for masks of -1 / 1."""
+    if not isinstance(feed, dict):
+        raise UserError(f"infer takes a dict of numpy arrays keyed {', '.join(INPUT_NAMES)}, not a "
+                        f"{type(feed).__name__}")
+    missing, extra = [n for n in INPUT_NAMES if n not in feed], [k for k in feed if k not in INPUT_NAMES]
+    if missing or extra:
+        what = "; ".join(filter(None, [f"missing {', '.join(missing)}" if missing else "",
+                                       f"unknown {', '.join(map(str, extra))}" if extra else ""]))
+        raise UserError(f"inputs: {what} (the model takes {', '.join(INPUT_NAMES)})")
+    for name in INPUT_NAMES:
+        value = feed[name]
+        if not isinstance(value, np.ndarray):
+            raise UserError(f"{name}: a {type(value).__name__}; infer takes numpy arrays (CUDA tensors go to "
+                            "infer_device)")
+        if value.dtype != np.float32:
+            raise UserError(f"{name}: dtype {value.dtype}, the model takes float32 (images normalised as "
+                            "hsnet_deploy.data.preprocess does, masks 0 / 1)")
+    shapes = {n: tuple(feed[n].shape) for n in INPUT_NAMES}
+    supports, query = shapes["support_imgs"], shapes["query_img"]
+    expected = input_shapes(*supports[:2], *query[-2:]) if len(supports) == 5 and len(query) == 4 else None
+    if expected != shapes:
+        raise UserError(f"input shapes {', '.join(f'{n} {s}' for n, s in shapes.items())} do not fit query_img "
+                        "(B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks (B, K, H, W) with one B, K, H, W")
+    if 0 in supports[:2]:
+        raise UserError(f"B = {supports[0]}, K = {supports[1]}: an episode needs a query and at least one support")
+    if img_size and query[-2:] != (img_size, img_size):
+        raise UserError(f"images are {query[-2]}x{query[-1]}, the model takes {img_size}x{img_size} (H and W are "
+                        "fixed at export; predict and eval resize for you)")
+    masks = feed["support_masks"]
+    low, high = float(masks.min()), float(masks.max())
+    if not 0.0 <= low <= high <= 1.0:  # NaN fails too
+        raise UserError(f"support_masks: values from {low:g} to {high:g}; a mask is 0 (background) and 1 "
+                        "(foreground)")
 
 
 @dataclass
@@ -75,6 +115,7 @@ class Runner(ABC):
 
     info: RunnerInfo
     supports_device_io = False
+    fixed_image_size = True  # an exported graph fixes H and W; eager PyTorch takes any valid size
 
     def __init__(self) -> None:
         self.inference_times: list[float] = []
@@ -109,6 +150,7 @@ class Runner(ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.active:
             raise RuntimeError(f"{type(self).__name__}.infer called outside its `with` block")
+        check_feed(feed, self.info.img_size if self.fixed_image_size else None)
         start = time.perf_counter()
         out = self.infer_impl(feed)
         self.inference_times.append(time.perf_counter() - start)

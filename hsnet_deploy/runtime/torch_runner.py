@@ -15,6 +15,8 @@ from hsnet_deploy.runtime.base import INPUT_NAMES, Runner, RunnerInfo
 class TorchRunner(Runner):
     """Eager HSNet on the CPU or CUDA; `precision="fp16"` is autocast on CUDA (weights stay FP32)."""
 
+    fixed_image_size = False
+
     def __init__(self, model: HSNet, device: str = "cpu", precision: str = "fp32", artifact: str = "") -> None:
         super().__init__()
         if device == "cuda" and not torch.cuda.is_available():
