@@ -119,8 +119,9 @@ def meta_to_props(meta: dict) -> dict[str, str]:
 # Metadata fields whose values are text: stored as they are, and read back as text even where they look like JSON
 # (a version "1.20" would otherwise come back as the number 1.2).
 TEXT_FIELDS = frozenset({"format", "backbone", "precision", "weights", "source_model", "source_sha256",
-                         "checkpoint_sha256", "tensorrt_version", "gpu_name", "compute_capability", "plan_sha256",
-                         "ort_version", "ort_device"})
+                         "checkpoint", "checkpoint_format", "checkpoint_sha256", "simplified", "layout",
+                         "ort_version", "ort_device", "ort_optimization", "tensorrt_version", "gpu_name",
+                         "compute_capability", "plan_sha256"})
 
 
 def props_to_meta(props: dict[str, str]) -> dict:

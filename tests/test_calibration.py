@@ -141,12 +141,15 @@ def test_episode_folders_are_found_in_any_case_and_a_broken_one_is_named(simple_
         (folder / name).rename(folder / name.replace("2", "3"))
     with pytest.raises(UserError, match="support3.png: support2 is missing before it"):
         split_episodes(simple_dir, 11, 1)
-    for name in ("support3.png", "support3_mask.png"):  # a gap of two: support2 was read, support4 dropped
+    for name in ("support3.png", "support3_mask.png"):  # a gap of two (3 and 4): support5 was silently dropped
         (folder / name).rename(folder / name.replace("3", "2"))
     for name in ("support2.png", "support2_mask.png"):
-        (folder / name.replace("2", "4")).write_bytes((folder / name).read_bytes())
-    with pytest.raises(UserError, match="support4.png: support3 is missing before it"):
+        (folder / name.replace("2", "5")).write_bytes((folder / name).read_bytes())
+    with pytest.raises(UserError, match="support5.png: support3 is missing before it"):
         split_episodes(simple_dir, 11, 1)
+    for name in ("support5.png", "support5_mask.png"):  # not a support number: ignored, not a crash
+        (folder / name).rename(folder / name.replace("5", "\u00b2"))
+    assert len(split_episodes(simple_dir, 11, 1).calib) == 11
 
 
 def test_mask_iou_and_sign_agreement_by_hand():

@@ -14,6 +14,14 @@ from hsnet_deploy.serve.store import SetNotFound, SupportSet, SupportSetStore
 LIMITS = uploads.Limits(max_upload_bytes=1 << 20, max_pixels=200_000, max_shots=3)
 
 
+@pytest.fixture(autouse=True)
+def process_pixel_limit_restored(monkeypatch):
+    """An upload sets the process's decode limit to the server's: put it back for the tests that follow."""
+    from hsnet_deploy.data import preprocess
+
+    monkeypatch.setitem(preprocess._limits, "max_pixels", preprocess.max_pixels())
+
+
 def png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -120,6 +128,7 @@ def test_serve_on_cuda_without_cuda_is_refused_before_ray_starts(exported, monke
 
     from hsnet_deploy.serve import launch
 
+    monkeypatch.setattr("hsnet_deploy.runtime.ort_runner.available_providers", lambda: ["CPUExecutionProvider"])
     started = []
     monkeypatch.setattr(launch, "run_service", lambda *a, **k: started.append(a))
     model = exported("resnet50")[0]

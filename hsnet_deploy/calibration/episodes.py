@@ -121,7 +121,7 @@ def _find(files: list[Path], stem: str) -> Path | None:
 def _support_number(stem: str) -> int | None:
     """N of a `support<N>` image's stem (not of its `_mask`), else None."""
     digits = stem.removeprefix("support")
-    return int(digits) if digits != stem and digits.isdigit() else None
+    return int(digits) if digits != stem and digits.isascii() and digits.isdecimal() else None
 
 
 def simple_episodes(root: Path) -> list[Episode]:

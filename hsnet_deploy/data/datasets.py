@@ -126,10 +126,12 @@ def _read_lines(path: Path) -> list[str]:
     # A byte-order mark (what Windows editors write) picks UTF-16 or is dropped; other bytes that are not UTF-8
     # mean this is not a split file.
     raw = path.read_bytes()
+    codec = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+        text = raw.decode(codec)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a readable split file (not UTF-8 text: byte {exc.start})") from None
+        shown = "UTF-16 (its byte-order mark says so)" if codec == "utf-16" else "UTF-8"
+        raise UserError(f"{path}: not a readable split file (not {shown} text: byte {exc.start})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

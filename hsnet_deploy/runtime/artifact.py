@@ -71,10 +71,11 @@ def check_meta(meta: object, where: Path, require_meta: bool = True) -> dict:
             shown = json.dumps(value)
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
             raise UserError(f"{where}: metadata field {key!r} is {shown}, expected {JSON_TYPE_NAMES[want]}")
-    if require_meta and "img_size" not in meta:
+    size = meta.get("img_size")
+    if require_meta and size is None:
         raise UserError(f"{where}: metadata has no 'img_size' (the image size the model was exported for)")
-    if "img_size" in meta and meta["img_size"] < 1:
-        raise UserError(f"{where}: metadata field 'img_size' is {meta['img_size']}, expected a size in pixels")
+    if size is not None and size < 1:
+        raise UserError(f"{where}: metadata field 'img_size' is {size}, expected a size in pixels")
     return meta
 
 

@@ -31,7 +31,7 @@ def input_shapes(batch, shots, height: int, width: int) -> dict[str, tuple]:
             "support_masks": (batch, shots, height, width)}
 
 
-def check_feed(feed: object, img_size: int | None = None) -> None:
+def check_feed(feed: object, img_size: int | None = None, device_io: bool = False) -> None:
     """Refuse, naming the input, what the contract's inputs are not: float32 numpy arrays (B, 3, H, W),
     (B, K, 3, H, W), (B, K, H, W) with one B >= 1, K >= 1, H and W (`img_size` where the artifact fixes it) and
     masks within [0, 1]. Without it each backend failed its own way, or ran: PyTorch took uint8 images
@@ -47,8 +47,8 @@ def check_feed(feed: object, img_size: int | None = None) -> None:
     for name in INPUT_NAMES:
         value = feed[name]
         if not isinstance(value, np.ndarray):
-            raise UserError(f"{name}: a {type(value).__name__}; infer takes numpy arrays (CUDA tensors go to "
-                            "infer_device)")
+            where = "CUDA tensors go to infer_device" if device_io else "convert a tensor with .cpu().numpy()"
+            raise UserError(f"{name}: a {type(value).__name__}; infer takes numpy arrays ({where})")
         if value.dtype != np.float32:
             raise UserError(f"{name}: dtype {value.dtype}, the model takes float32 (images normalised as "
                             "hsnet_deploy.data.preprocess does, masks 0 / 1)")
@@ -58,8 +58,9 @@ def check_feed(feed: object, img_size: int | None = None) -> None:
     if expected != shapes:
         raise UserError(f"input shapes {', '.join(f'{n} {s}' for n, s in shapes.items())} do not fit query_img "
                         "(B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks (B, K, H, W) with one B, K, H, W")
-    if 0 in supports[:2]:
-        raise UserError(f"B = {supports[0]}, K = {supports[1]}: an episode needs a query and at least one support")
+    if 0 in supports[:2] + query[-2:]:
+        raise UserError(f"B = {supports[0]}, K = {supports[1]}, H x W = {query[-2]} x {query[-1]}: an episode needs a "
+                        "query and at least one support, of at least one pixel")
     if img_size and query[-2:] != (img_size, img_size):
         raise UserError(f"images are {query[-2]}x{query[-1]}, the model takes {img_size}x{img_size} (H and W are "
                         "fixed at export; predict and eval resize for you)")
@@ -150,7 +151,7 @@ class Runner(ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.active:
             raise RuntimeError(f"{type(self).__name__}.infer called outside its `with` block")
-        check_feed(feed, self.info.img_size if self.fixed_image_size else None)
+        check_feed(feed, self.info.img_size if self.fixed_image_size else None, self.supports_device_io)
         start = time.perf_counter()
         out = self.infer_impl(feed)
         self.inference_times.append(time.perf_counter() - start)
