@@ -136,7 +136,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
 
     quiet_exporters()
     check_output_path(output)
-    check_export(output, json_path, checkpoint)
+    check_export(output, json_path, checkpoint, img_size)
     try:
         export_layout = ExportLayout.parse(layout)
     except ValueError as exc:
@@ -154,7 +154,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
         raise_if_stopped()  # a stop torch's tracer swallowed ends the export here, not after minutes more
         err.print(f"[bold]\\[{next(steps)}/4][/] {message}  [dim]({time.perf_counter() - started:.0f}s)[/]")
 
-    report = export_onnx(model, output, img_size, opset or DEFAULT_OPSET, source, simplify=simplify, step=step,
+    report = export_onnx(model, output, img_size, DEFAULT_OPSET if opset is None else opset, source, simplify=simplify, step=step,
                          layout=export_layout)
     rows = []
     for c in report.checks:

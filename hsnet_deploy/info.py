@@ -52,7 +52,8 @@ def _cpu_name() -> str:
 def environment() -> dict:
     """Backends, devices and versions this machine has, as `hsnet-deploy info` shows them."""
     backends: dict[str, dict] = {}
-    devices = [{"device": "cpu", "name": _cpu_name(), "cores": os.cpu_count()}]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a cpuset's, not the host's
+    devices = [{"device": "cpu", "name": _cpu_name(), "cores": cores}]
     try:
         import torch
 

@@ -91,8 +91,9 @@ def bench(artifacts: list[str], device: str, cuda_graph: bool, json_path: str | 
         raise UserError("--cuda-graph captures ONNX Runtime's CUDA run; with --device cpu it would be ignored")
     check_outputs([("--json", json_path)], [("ARTIFACT", a) for a in artifacts])
     if "--img-size" in given and artifacts:
-        raise UserError(f"--img-size sets the size of the embedded default model (bench with no ARTIFACT); "
-                        f"{artifacts[0]} has its own, so it would be ignored")
+        raise UserError("--img-size sets the size of the embedded default model (bench with no ARTIFACT); with "
+                        "ARTIFACTs it would be ignored: the run takes the first ONNX model's or plan's size, or the "
+                        "authors' 400 for checkpoints alone")
     if "--backbone" in given and not artifacts:
         raise UserError("--backbone names an authors' checkpoint's backbone; with no ARTIFACT bench runs the "
                         "embedded default (resnet50), so it would be ignored")
@@ -111,7 +112,16 @@ def backbone_option(artifacts: list[str], given: set[str]) -> None:
                         f"{artifacts[0]} records its own, so it would be ignored")
 
 
-def export(output: str, json_path: str | None, checkpoint: str | None) -> None:
+# The export's dense support-major mixing weights grow with the 4th power of the size: above 768 the squeezed support
+# grid passes 3x3, so they outgrow the convs they replace, and memory soon runs out (2240 failed at 14 GB, 2048
+# crashed; seen 2026-11-27 on the 2-core CPU machine).
+MAX_EXPORT_SIZE = 768
+
+
+def export(output: str, json_path: str | None, checkpoint: str | None, img_size: int = 400) -> None:
+    if img_size > MAX_EXPORT_SIZE:
+        raise UserError(f"--img-size {img_size}: exports go up to {MAX_EXPORT_SIZE} (above it the dense mixing weights "
+                        "outgrow the convs they replace and the export needs tens of GB); HSNet's own size is 400")
     check_outputs([("-o", output), ("--json", json_path)], [("--checkpoint", checkpoint)])
 
 

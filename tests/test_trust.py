@@ -565,7 +565,7 @@ def test_a_long_label_is_cut_and_the_figures_stay():
 def test_options_the_artifact_makes_pointless_are_refused(exported, tmp_path):
     model, _, _ = exported("resnet50")
     code, _, err = run_cli("bench", str(model), "--img-size", "128")
-    assert code == 2 and f"{model} has its own, so it would be ignored" in " ".join(err.split())
+    assert code == 2 and "with ARTIFACTs it would be ignored: the run takes the first ONNX" in " ".join(err.split())
     code, _, err = run_cli("bench", "--backbone", "vgg16")
     assert code == 2 and "bench runs the embedded default (resnet50)" in " ".join(err.split())
     s, m = _pair(tmp_path, "s")
@@ -806,3 +806,44 @@ def test_third_audit_build_engine_and_eval_refusals(exported, tmp_path, monkeypa
     assert "once the file is fixed" not in text and "--batch 2 --resume" not in text
     code, _, err = run_cli(*args, "--resume")
     assert code == 0, err
+
+
+def test_fourth_audit_export_bench_info_triton(exported, tmp_path, monkeypatch):
+    """`export --opset 0` exported at 20; an own-format checkpoint without its state_dict or backbone was an internal
+    error; `bench CHECKPOINT ONNX` refused what `bench ONNX CHECKPOINT` ran; `--img-size 2240` ran out of memory after
+    minutes; triton-repo copied the model before finding its config path taken by a folder."""
+    import torch
+
+    from hsnet_deploy.info import environment
+    from hsnet_deploy.model import save_checkpoint, seeded_model
+
+    model, _, _ = exported("resnet50")
+    out = tmp_path / "x.onnx"
+    torch.save({"format": "hsnet-deploy/checkpoint-v1", "backbone": "resnet50"}, tmp_path / "nosd.pt")
+    torch.save({"format": "hsnet-deploy/checkpoint-v1", "state_dict": {"w": torch.zeros(1)}}, tmp_path / "nobb.pt")
+    cases = [
+        (["export", "--backbone", "resnet50", "--img-size", "64", "--opset", "0", "-o", str(out)],
+         "--opset 0: the exporter needs opset 18 or newer"),
+        (["export", "--backbone", "resnet50", "--img-size", "2240", "-o", str(out)], "--img-size 2240: exports go"),
+        (["info", str(tmp_path / "nosd.pt")], "nosd.pt: an hsnet-deploy checkpoint without a usable state_dict"),
+        (["export", "--checkpoint", str(tmp_path / "nobb.pt"), "-o", str(out)], "without a usable backbone"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, (args, err)
+    assert not out.exists()
+
+    save_checkpoint(seeded_model("resnet50"), tmp_path / "own.pt")
+    code, _, err = run_cli("bench", str(tmp_path / "own.pt"), str(model), "--iters", "1", "--warmup", "0",
+                           "--no-stages", "--device", "cpu", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["img_size"] == 64 and len(record["results"]) >= 2  # the ONNX model's size, checkpoint first
+
+    repo = tmp_path / "repo"
+    (repo / "hsnet" / "config.pbtxt").mkdir(parents=True)
+    code, _, err = run_cli("triton-repo", str(model), "-o", str(repo))
+    assert code == 2 and "config.pbtxt: is a folder" in err and not (repo / "hsnet" / "1").exists()
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert environment()["devices"][0]["cores"] == 1  # the cores this process may use (a cpuset), not the host's

@@ -106,8 +106,13 @@ def _contents(path: Path) -> tuple[dict, str | None, bool | None, str]:
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not an HSNet checkpoint (holds a {type(obj).__name__}, expected a state_dict)")
     if obj.get("format") == FORMAT:
-        mask_support = obj.get("mask_support")
-        return obj["state_dict"], obj["backbone"], None if mask_support is None else bool(mask_support), "hsnet-deploy"
+        state, backbone, mask_support = obj.get("state_dict"), obj.get("backbone"), obj.get("mask_support")
+        if not isinstance(state, dict) or not state or not isinstance(backbone, str):
+            missing = [k for k, ok in (("state_dict", isinstance(state, dict) and state),
+                                       ("backbone", isinstance(backbone, str))) if not ok]
+            raise UserError(f"{path}: an hsnet-deploy checkpoint without a usable {' or '.join(missing)} (damaged, or "
+                            "written by other code)")
+        return state, backbone, None if mask_support is None else bool(mask_support), "hsnet-deploy"
     state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
     if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}

@@ -167,7 +167,8 @@ def machine_info() -> dict:
     import os
     import platform
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a cpuset's
+    info = {"cpu": platform.processor() or platform.machine(), "cores": cores,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

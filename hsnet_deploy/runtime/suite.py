@@ -36,7 +36,10 @@ def plan_runners(
     checkpoint_device = "cpu" if device == "auto" else device
     artifact_runners: list[Runner] = []
     first = arts[0]
-    img_size = AUTHORS_IMG_SIZE if first.kind == "checkpoint" else int(first.meta["img_size"])
+    # A checkpoint has no image size of its own: the run takes the first exported artifact's, whatever the order
+    # (a checkpoint first used to fix 400 and refuse a 64x64 ONNX model given after it), else the authors' 400.
+    sized = next((a for a in arts if a.kind != "checkpoint"), None)
+    img_size = int(sized.meta["img_size"]) if sized else AUTHORS_IMG_SIZE
     skipped: list[str] = []
     providers = available_providers()
     for art in arts:
