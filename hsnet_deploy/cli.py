@@ -127,6 +127,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
     from hsnet_deploy.artifacts import check_output_path
     from hsnet_deploy.console import err, out, table
     from hsnet_deploy.export import DEFAULT_OPSET, export_onnx
+    from hsnet_deploy.info import run_record
     from hsnet_deploy.model import ExportLayout, check_image_size
     from hsnet_deploy.preflight import export as check_export
 
@@ -154,22 +155,25 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
         raise_if_stopped()  # a stop torch's tracer swallowed ends the export here, not after minutes more
         err.print(f"[bold]\\[{next(steps)}/4][/] {message}  [dim]({time.perf_counter() - started:.0f}s)[/]")
 
-    report = export_onnx(model, output, img_size, DEFAULT_OPSET if opset is None else opset, source, simplify=simplify, step=step,
-                         layout=export_layout)
+    report = export_onnx(model, output, img_size, DEFAULT_OPSET if opset is None else opset, source,
+                         simplify=simplify, step=step, layout=export_layout)
     rows = []
     for c in report.checks:
         for e in c.errors:
             rows.append((f"B={c.batch} K={c.shots} {c.masks}", e.name, e.max_abs, e.mean_abs, e.rel, c.mask_agreement))
     out.print(table("Verification: ONNX Runtime (CPU) vs eager PyTorch",
                     ["episode", "tensor", "max |diff|", "mean |diff|", "max / max|ref|", "mask agreement"], rows))
-    write_json(json_path, report.to_dict(), "export report")
+    settings = {"backbone": backbone, "checkpoint": checkpoint, "img_size": img_size, "opset": opset, "seed": seed,
+                "simplify": simplify, "layout": layout, "output": output}
+    write_json(json_path, {**report.to_dict(), "weights": source, **run_record(settings)}, "export report")
     if not report.passed:
         raise GateFailure(
             f"verification failed: worst relative error {max(c.worst_rel() for c in report.checks):.2e} "
             f"> {report.tolerance:.0e}; {output} was not written"
         )
     out.print(f"[green]Wrote {output}[/]: {report.file_bytes / 2**20:.1f} MiB, {report.nodes} nodes "
-              f"({report.op_counts.get('Conv', 0)} Conv, all 2D; {report.nodes_traced} before onnxslim), opset {report.opset}, "
+              f"({report.op_counts.get('Conv', 0)} Conv, all 2D"
+              f"{f'; {report.nodes_traced} before onnxslim' if simplify else ''}), opset {report.opset}, "
               f"worst relative error {max(c.worst_rel() for c in report.checks):.1e}, {report.seconds:.0f}s")
 
 

@@ -104,6 +104,9 @@ def test_export_command_writes_a_verified_model(tmp_path):
     data = json.loads(report.read_text())
     assert data["passed"] and data["op_counts"]["Conv"] == 53 + 30 + 4
     assert target.stat().st_size == data["file_bytes"]
+    # the run record bench and eval JSON carry, and where the weights came from
+    assert data["weights"] == {"weights": "seeded-random", "seed": 0} and data["settings"]["layout"] == "none"
+    assert data["command"][:2] == ["hsnet-deploy", "export"] and data["versions"]["torch"] and data["timestamp"]
     # --layout none: recorded in the metadata, and conv1 runs as the authors' plain conv (no dilation)
     from hsnet_deploy.artifacts import props_to_meta
 
