@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.machine import cpu_name, usable_cores
 
 DISTRIBUTIONS = ("hsnet-deploy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim", "tensorrt",
                  "tensorrt-lean", "cuda-python", "nvidia-modelopt", "pillow", "click")
@@ -39,21 +40,10 @@ def version_line() -> str:
     return f"hsnet-deploy, version {v.get('hsnet-deploy') or 'unknown'}\n" + ", ".join(parts)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict:
     """Backends, devices and versions this machine has, as `hsnet-deploy info` shows them."""
     backends: dict[str, dict] = {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a cpuset's, not the host's
-    devices = [{"device": "cpu", "name": _cpu_name(), "cores": cores}]
+    devices = [{"device": "cpu", "name": cpu_name(), "cores": usable_cores()}]
     try:
         import torch
 

@@ -164,19 +164,12 @@ class Suite:
 
 
 def machine_info() -> dict:
-    import os
     import platform
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # a cpuset's
-    info = {"cpu": platform.processor() or platform.machine(), "cores": cores,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from hsnet_deploy.machine import cpu_name, usable_cores
+
+    info = {"cpu": cpu_name(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
