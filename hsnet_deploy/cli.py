@@ -126,7 +126,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
 
     from hsnet_deploy.artifacts import check_output_path
     from hsnet_deploy.console import err, out, table
-    from hsnet_deploy.export import DEFAULT_OPSET, export_onnx
+    from hsnet_deploy.export import DEFAULT_OPSET, check_opset, export_onnx
     from hsnet_deploy.info import run_record
     from hsnet_deploy.model import ExportLayout, check_image_size
     from hsnet_deploy.preflight import export as check_export
@@ -147,6 +147,8 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
             check_image_size(backbone, img_size, img_size)
         except UserError as exc:
             raise UserError(f"--img-size {img_size}: {exc}") from None
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_opset(opset)
     model, source = load_model(backbone, checkpoint, seed)
     started = time.perf_counter()
     steps = iter(range(1, 10))
@@ -155,7 +157,7 @@ def export(backbone, checkpoint, img_size, opset, seed, output, simplify, layout
         raise_if_stopped()  # a stop torch's tracer swallowed ends the export here, not after minutes more
         err.print(f"[bold]\\[{next(steps)}/4][/] {message}  [dim]({time.perf_counter() - started:.0f}s)[/]")
 
-    report = export_onnx(model, output, img_size, DEFAULT_OPSET if opset is None else opset, source,
+    report = export_onnx(model, output, img_size, opset, source,
                          simplify=simplify, step=step, layout=export_layout)
     rows = []
     for c in report.checks:

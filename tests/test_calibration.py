@@ -175,6 +175,36 @@ def test_gate_report_names_each_failed_threshold():
     assert report.to_dict()["passed"] is False
 
 
+def test_gate_report_aggregates_its_episodes_as_the_thresholds_read_them():
+    """Mean and worst agreement, mean sign agreement and the largest logit error, against plain arithmetic."""
+    from hsnet_deploy.calibration.gate import EpisodeGate
+
+    agreements, signs, errors = [0.9, 0.7, 1.0], [1.0, 0.99, 0.995], [0.01, 0.05, 0.02]
+    report = GateReport("int8", GateThresholds(min_mean_agreement=0.8, min_worst_agreement=0.75,
+                                               min_sign_agreement=0.99, max_logit_error=0.04))
+    report.episodes = [EpisodeGate(str(i), a, s, e, 0.5) for i, (a, s, e) in enumerate(zip(agreements, signs, errors))]
+    assert report.mean_agreement == pytest.approx(sum(agreements) / 3)
+    assert report.worst_agreement == 0.7 and report.logit_error == 0.05
+    assert report.sign_agreement == pytest.approx(sum(signs) / 3)
+    fails = report.failures()
+    assert len(fails) == 2 and "worst mask agreement 0.7000" in fails[0] and "logit error 0.0500" in fails[1]
+
+
+def test_gate_logit_error_is_relative_to_the_largest_fp32_logit():
+    """max |variant - FP32| / max |FP32|, as export's verification: the same for logits 100 times larger."""
+    from hsnet_deploy.calibration.gate import compare_outputs
+
+    rng = np.random.default_rng(0)
+    ref_logits = rng.normal(size=(1, 1, 2, 8, 8)).astype(np.float32)
+    var_logits = ref_logits + rng.normal(scale=1e-2, size=ref_logits.shape).astype(np.float32)
+    mask = (ref_logits[:, 0, 1] > ref_logits[:, 0, 0]).astype(np.float32)
+    expected = np.abs(var_logits - ref_logits).max() / np.abs(ref_logits).max()
+    for scale in (1.0, 100.0):
+        gate = compare_outputs("e", {"logits": ref_logits * scale, "mask": mask},
+                               {"logits": var_logits * scale, "mask": mask})
+        assert gate.logit_error == pytest.approx(expected, rel=1e-5)
+
+
 def test_importing_the_package_leaves_heavy_quantisers_alone():
     code = ("import sys, hsnet_deploy, hsnet_deploy.calibration, hsnet_deploy.calibration.variant; "
             "print(any(m.split('.')[0] in ('modelopt', 'onnxconverter_common') for m in sys.modules))")

@@ -340,3 +340,20 @@ def test_bad_thread_counts_and_default_sizes_exit_2(tmp_path, monkeypatch, args,
     code, _, err = run_cli(*args)
     assert code == 2 and message in err, err
     assert "Internal error" not in err and "Failed" not in err and not list(tmp_path.iterdir())
+
+
+def test_overlay_tints_the_foreground_outlines_it_and_leaves_the_background():
+    """A grey 8x8 query with a 4x4 square mask: the square's inner pixels are half grey, half the overlay colour;
+    its rim (foreground pixels with a background neighbour to the right or below) is the overlay colour; pixels
+    two away from the square are untouched."""
+    from hsnet_deploy.predict import OVERLAY_COLOUR, overlay
+
+    img = Image.new("RGB", (8, 8), (100, 100, 100))
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:6, 2:6] = 1
+    out = np.asarray(overlay(img, mask, alpha=0.5)).astype(int)
+    colour = OVERLAY_COLOUR.astype(int)
+    tinted = ((100 + OVERLAY_COLOUR) / 2).astype(int)
+    assert (out[3, 3] == tinted).all() and (out[4, 4] == tinted).all()
+    assert (out[5, 3] == colour).all() and (out[3, 5] == colour).all()  # bottom and right rim
+    assert (out[0, 0] == 100).all() and (out[7, 7] == 100).all() and (out[3, 0] == 100).all()

@@ -124,6 +124,17 @@ def test_resume_with_other_settings_is_a_user_error_naming_them(pascal, tmp_path
                  fingerprint={"artifact": "b"}, progress=False)
 
 
+def test_resume_over_other_episodes_with_the_same_counts_is_refused(pascal, tmp_path):
+    """Same dataset, fold, K and episode count, another draw (seed): the saved totals belong to other episodes."""
+    other = build_episodes("pascal", pascal.episodes[0].query_image.parents[2], shots=2, episodes=30, seed=1)
+    assert [e.to_dict() for e in other.episodes] != [e.to_dict() for e in pascal.episodes]
+    state = tmp_path / "state.json"
+    with pytest.raises(RuntimeError):
+        evaluate(StopAfter(2), pascal, img_size=SIZE, state_path=state, progress=False)
+    with pytest.raises(UserError, match=r"other settings \(episode_digest differ\)"):
+        evaluate(threshold_predict, other, img_size=SIZE, state_path=state, resume=True, progress=False)
+
+
 def test_resume_without_a_state_file_starts_from_the_beginning(pascal, tmp_path):
     result = evaluate(threshold_predict, pascal, img_size=SIZE, state_path=tmp_path / "new.json", resume=True,
                       progress=False)

@@ -185,3 +185,25 @@ def test_profile_names_onnx_runtime_rewrote_map_to_their_stage():
     assert _fused_stage("InsertedPrecisionFreeCast_node_mul_620", stage_of) == "correlation"
     assert _fused_stage("conv2d_66_nchwc", stage_of) == "learner"
     assert _fused_stage("Reorder_token_7", stage_of) == "other"
+
+
+def test_latency_summary_matches_plain_arithmetic():
+    """Milliseconds from seconds; percentiles by linear interpolation between the closest ranks, worked out here
+    without numpy."""
+    from hsnet_deploy.runtime.bench import PERCENTILES, latency_summary
+
+    seconds = [0.010, 0.030, 0.020, 0.100, 0.040]
+    summary = latency_summary(seconds)
+    ranked = sorted(s * 1e3 for s in seconds)
+
+    def percentile(p):
+        rank = p / 100 * (len(ranked) - 1)
+        low = int(rank)
+        high = min(low + 1, len(ranked) - 1)
+        return ranked[low] + (rank - low) * (ranked[high] - ranked[low])
+
+    assert summary["min"] == pytest.approx(10.0) and summary["max"] == pytest.approx(100.0)
+    assert summary["mean"] == pytest.approx(40.0)  # the median is 30: the mean must not be it
+    for p in PERCENTILES:
+        assert summary[f"p{p}"] == pytest.approx(percentile(p))
+    assert summary["p50"] == pytest.approx(30.0)

@@ -18,6 +18,7 @@ from PIL import Image
 from hsnet_deploy.artifacts import write_json_atomic
 from hsnet_deploy.calibration.gate import EpisodeGate, GateReport, GateThresholds
 from hsnet_deploy.data import preprocess
+from hsnet_deploy.errors import UserError
 from hsnet_deploy.outputs import unique_names
 
 
@@ -847,3 +848,45 @@ def test_fourth_audit_export_bench_info_triton(exported, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
     assert environment()["devices"][0]["cores"] == 1  # the cores this process may use (a cpuset), not the host's
+
+
+# fifth audit (2026-11-28): the README checked against the code -----------------------------------------------
+
+
+def test_fifth_audit_refusals_come_first_and_say_the_true_reason(exported, tmp_path):
+    """`--opset 99` was refused only after the checkpoint was read (a junk checkpoint was named instead) and after the
+    seeded-weights banner; `bench m.onnx --cuda-graph` on a machine without ONNX Runtime's CUDA EP said "no ONNX
+    artifact"; a small image over a small pixel limit was "0 megapixels"; the gate's note said "agreement with FP32
+    decides" when the mIoU check had been asked for and failed the gate."""
+    from hsnet_deploy.calibration.gate import unjudged_miou_note
+    from hsnet_deploy.runtime.ort_runner import available_providers
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    out = tmp_path / "x.onnx"
+    code, _, err = run_cli("export", "--checkpoint", str(tmp_path / "junk.pt"), "--backbone", "resnet50",
+                           "--opset", "99", "-o", str(out))
+    assert code == 2 and "--opset 99: this torch" in err and "junk.pt" not in err, err
+    code, stdout, err = run_cli("export", "--backbone", "resnet50", "--img-size", "64", "--opset", "99", "-o", str(out))
+    assert code == 2 and "--opset 99" in err and "seeded" not in (stdout + err).lower(), err
+    assert not out.exists()
+
+    if "CUDAExecutionProvider" not in available_providers():
+        model, _, _ = exported("resnet50")
+        code, _, err = run_cli("bench", str(model), "--cuda-graph", "--iters", "1")
+        message = " ".join(err.split())
+        assert code == 2 and "CUDAExecutionProvider" in message and "no ONNX artifact" not in message, err
+
+    image = tmp_path / "small.png"
+    Image.new("RGB", (200, 200)).save(image)
+    previous = preprocess.max_pixels()
+    preprocess.set_max_pixels(20_000)
+    try:
+        with pytest.raises(UserError, match=r"200x200 \(0\.04 megapixels\), over the limit of 0\.02 megapixels"):
+            preprocess.load_image(image)
+    finally:
+        preprocess.set_max_pixels(previous)
+
+    asked = _report(0.99, 0.0, 0.0, GateThresholds.defaults(True, max_miou_drop=0.5))
+    assert not asked.passed and "so the gate fails" in unjudged_miou_note(asked)
+    default = _report(0.99, 0.0, 0.0, GateThresholds.defaults(True))
+    assert default.passed and "agreement with FP32 decides" in unjudged_miou_note(default)

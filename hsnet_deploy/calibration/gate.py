@@ -248,8 +248,7 @@ def run_gate(
             report.notes.append(f"mIoU over the {judged} of {len(samples)} gate episodes that have a query mask; "
                                 "the other episodes count in the agreement checks only")
         if not report.miou_judgeable:
-            report.notes.append(f"FP32 scores mIoU {report.miou_fp32:.1f} on the gate episodes: unable to judge the "
-                                "variant by mIoU (seeded weights, or data of another task?); agreement with FP32 decides")
+            report.notes.append(unjudged_miou_note(report))
     else:
         report.notes.append("episodes without ground truth: mIoU not measured, the gate uses agreement with FP32")
     fg = np.mean([e.fp32_foreground for e in report.episodes]) if report.episodes else 0.0
@@ -257,6 +256,14 @@ def run_gate(
         report.notes.append(f"FP32 masks are {fg:.1%} foreground: mask agreement is near-trivial here, "
                             "sign agreement and logit error carry the comparison")
     return report
+
+
+def unjudged_miou_note(report: GateReport) -> str:
+    """The note for an FP32 reference that scores too little to judge by: what then decides the gate."""
+    verdict = ("the mIoU check was asked for (--gate-max-miou-drop), so the gate fails"
+               if report.thresholds.miou_required else "agreement with FP32 decides")
+    return (f"FP32 scores mIoU {report.miou_fp32:.1f} on the gate episodes: unable to judge the variant by mIoU "
+            f"(seeded weights, or data of another task?); {verdict}")
 
 
 def fp32_outputs(fp32_path: str | os.PathLike, samples: list[EpisodeSample], threads: int | None = None,

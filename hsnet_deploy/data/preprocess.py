@@ -55,7 +55,7 @@ def _check_pixels(img: Image.Image, path: str | os.PathLike, what: str, reducibl
                 img.draft(img.mode, (w // d, h // d))
                 img.info["original_size"] = (w, h)
                 return
-    raise UserError(f"{path}: {what} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the limit of "
+    raise UserError(f"{path}: {what} is {w}x{h} ({w * h / 1e6:.3g} megapixels), over the limit of "
                     f"{limit / 1e6:g} megapixels; raise it with --max-megapixels or shrink the file")
 
 

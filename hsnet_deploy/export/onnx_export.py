@@ -94,6 +94,15 @@ class ExportReport:
         }
 
 
+def check_opset(opset: int) -> None:
+    """Refuse an opset this torch cannot export (checked before any work: the CLI calls it before loading weights)."""
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset {opset}: the exporter needs opset {MIN_OPSET} or newer")
+    newest = newest_opset()
+    if newest is not None and opset > newest:
+        raise UserError(f"--opset {opset}: this torch {torch.__version__} exports opset {newest} at the newest")
+
+
 def newest_opset() -> int | None:
     """The newest opset this torch's exporter writes, or None where torch does not say (a private constant, read
     defensively; the opset of the traced graph is checked after tracing in any case)."""
@@ -188,11 +197,7 @@ def export_onnx(
     start = time.perf_counter()
     out = check_output_path(out_path)
     check_image_size(model.backbone_name, img_size, img_size)
-    if opset < MIN_OPSET:
-        raise UserError(f"--opset {opset}: the exporter needs opset {MIN_OPSET} or newer")
-    newest = newest_opset()
-    if newest is not None and opset > newest:
-        raise UserError(f"--opset {opset}: this torch {torch.__version__} exports opset {newest} at the newest")
+    check_opset(opset)
     report = ExportReport(str(out), model.backbone_name, img_size, opset, tolerance=tolerance)
     layout = layout or ExportLayout()
     export_model = copy.deepcopy(model).eval().prepare_export(img_size, img_size, layout)
@@ -205,7 +210,7 @@ def export_onnx(
         written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if written != opset:  # the exporter falls back without a word (e.g. --opset 30 gave opset 18)
             raise UserError(f"--opset {opset}: the exporter wrote opset {written} instead; choose {MIN_OPSET}.."
-                            f"{newest or written}")
+                            f"{newest_opset() or written}")
 
         step("checking the graph (onnx.checker full check, shape inference)")
         check_onnx_structure(proto)

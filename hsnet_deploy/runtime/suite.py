@@ -76,7 +76,7 @@ def plan_runners(
     ort_cuda = [r for r in runners if r.info.backend == "onnxruntime" and r.info.device == "cuda"]
     if cuda_graph and not ort_cuda:
         raise UserError("--cuda-graph: CUDA graphs are for ONNX Runtime on CUDA, and this run has no such runner "
-                        f"(device {device}; {', '.join(skipped) or 'no ONNX artifact'})")
+                        f"(device {device}; {no_ort_cuda_reason(arts, providers, skipped)})")
     if ep_options and not ort_cuda:
         raise UserError("--cuda-ep-option: this run has no ONNX Runtime CUDA runner to take it")
     if default:
@@ -136,3 +136,14 @@ def run_suite(
         if suite.episode_gflop and r.latency_ms:
             r.gflop_per_s = suite.episode_gflop * batch / (r.latency_ms["mean"] / 1e3)
     return suite
+
+
+def no_ort_cuda_reason(arts: list, providers: list[str], skipped: list[str]) -> str:
+    """Why a run has no ONNX Runtime CUDA runner, for the --cuda-graph refusal."""
+    onnx_models = [a for a in arts if a.kind == "onnx"]
+    if not onnx_models:
+        return "no ONNX artifact"
+    if "CUDAExecutionProvider" not in providers:
+        return skipped[0] if skipped else "this ONNX Runtime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+    pinned = [a.path for a in onnx_models if a.meta.get("ort_device") == "cpu"]
+    return f"{', '.join(map(str, pinned))} optimised for the CPU" if pinned else "no ONNX model for CUDA"
