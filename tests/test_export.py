@@ -118,6 +118,20 @@ def test_verification_catches_a_wrong_c2(exported, monkeypatch):
     assert by_name["logits"] == 0 and by_name["corr_c2"] > 1e-2
 
 
+def test_verification_fails_on_one_bad_episode_and_judges_relative_to_the_reference():
+    """Every episode must pass, not one; the error is max |diff| / max |reference| (1e-4 of 1000 is 0.1)."""
+    from hsnet_deploy.export import ExportReport
+    from hsnet_deploy.export.verify import EpisodeCheck, TensorError
+
+    def check(max_abs, ref_max):
+        return EpisodeCheck(1, 1, "noise", [TensorError("logits", max_abs, max_abs / 10, ref_max)], 1.0)
+
+    assert check(0.05, 1000.0).worst_rel() == pytest.approx(5e-5) and check(0.05, 1.0).worst_rel() == pytest.approx(0.05)
+    good, bad = check(0.05, 1000.0), check(0.05, 100.0)  # 5e-5 and 5e-4 relative
+    assert ExportReport("m.onnx", "resnet50", 64, 20, checks=[good, good]).passed
+    assert not ExportReport("m.onnx", "resnet50", 64, 20, checks=[good, bad, good]).passed
+
+
 def test_metadata_round_trips(exported):
     path, _, _ = exported("resnet50")
     meta = props_to_meta({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})

@@ -334,3 +334,14 @@ def test_gate_figures_are_shown_on_their_side_of_the_threshold():
     assert float(versus(0.9999993, 0.9999995)) < 0.9999995
     assert float(versus(0.99045, 0.99046)) < 0.99046 < float(versus(0.99047, 0.99046))
     assert versus(0.9905, 0.95) == "0.9905" and versus(1.5, 1.0) == "1.5000" and versus(None, 0.5) == "-"
+
+
+@needs_modelopt
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_int8_without_quantize_takes_the_documented_default_stages(fp32_model, calib_dir, backend):
+    """README: INT8 quantises the backbone and the correlation unless --quantize says otherwise (measured in
+    docs/benchmarks.md, "INT8: which stages by default"); the learner stays FP32."""
+    _meta, stages = variant_module._check_request(fp32_model, "int8", backend, "minmax", calib_dir, None)
+    assert tuple(stages) == ("backbone", "correlation")
+    _meta, stages = variant_module._check_request(fp32_model, "int8", backend, "minmax", calib_dir, ["learner"])
+    assert tuple(stages) == ("learner",)

@@ -306,3 +306,48 @@ def test_killed_replica_is_replaced_and_no_wrong_answer(service, files, predicte
         else:
             assert reply.status_code == 503 and reply.headers.get("Retry-After"), (reply.status_code, reply.text)
             assert "retry" in reply.json()["error"]
+
+
+def test_a_batch_runs_one_call_per_k_and_a_failed_call_is_retried_per_episode():
+    """The model replica's batch step without Ray running: episodes of K = 1 and 2 interleaved make two runner calls
+    (B = 3 with K = 1, B = 2 with K = 2), each episode's mask comes back at its own size; when a call fails, each of
+    its episodes runs alone, so only the bad one reports an error."""
+    from hsnet_deploy.serve.app import Episode, HSNetModel
+
+    size = 8
+
+    class FakeRunner:
+        """Foreground where the query's first channel is positive; a NaN query fails the whole call."""
+
+        def __init__(self):
+            self.shapes = []
+
+        def infer(self, feed):
+            b, k = feed["support_imgs"].shape[:2]
+            self.shapes.append((b, k))
+            if np.isnan(feed["query_img"]).any():
+                raise ValueError("NaN query")
+            fg = (feed["query_img"][:, 0] > 0).astype(np.float32)  # (B, S, S)
+            logits = np.stack([1 - fg, fg], axis=1)[:, None].repeat(k, axis=1)  # (B, K, 2, S, S)
+            return {"logits": logits}
+
+    def episode(k, sign, height=16, width=12):
+        query = np.full((3, size, size), sign, dtype=np.float32)
+        return Episode(query, np.zeros((k, 3, size, size), np.float32), np.ones((k, size, size), np.float32),
+                       height, width)
+
+    model = object.__new__(HSNetModel.func_or_class)
+    model.runner, model.calls, model.episodes = FakeRunner(), 0, 0
+    shots = [1, 2, 1, 2, 1]
+    signs = [1.0, -1.0, -1.0, 1.0, 1.0]
+    results = model._run_batch([episode(k, s) for k, s in zip(shots, signs)])
+    assert sorted(model.runner.shapes) == [(2, 2), (3, 1)] and model.calls == 2 and model.episodes == 5
+    for (status, mask), sign in zip(results, signs):
+        assert status == "ok" and mask.shape == (16, 12) and (mask == (1 if sign > 0 else 0)).all()
+
+    model.runner.shapes.clear()
+    bad = episode(1, float("nan"))
+    results = model._run_batch([episode(1, 1.0), bad, episode(1, -1.0)])
+    assert model.runner.shapes == [(3, 1), (1, 1), (1, 1), (1, 1)]  # the batch, then each episode alone
+    assert [r[0] for r in results] == ["ok", "error", "ok"] and "NaN query" in results[1][1]
+    assert results[0][1].all() and not results[2][1].any()
