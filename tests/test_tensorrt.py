@@ -752,6 +752,23 @@ def test_version_compatible_build_embeds_the_lean_runtime_and_uses_native_instan
     assert meta["version_compatible"] is True and meta["tf32"] is True
 
 
+def test_version_compatible_clears_exclude_lean_runtime_where_it_was_set():
+    """The fake builder starts with EXCLUDE_LEAN_RUNTIME clear (TensorRT's default), so the build above cannot tell
+    whether it is cleared: a config that has it set must lose it, or the plan would need a lean runtime shipped
+    beside it."""
+    import types
+
+    from hsnet_deploy.runtime.trt_build import set_version_compatible
+
+    trt = fake_tensorrt_builder("10.3.0")
+    config = FakeConfig()
+    config.flags.add("EXCLUDE_LEAN_RUNTIME")
+    parser_flags = set()
+    set_version_compatible(trt, config, types.SimpleNamespace(set_flag=parser_flags.add))
+    assert "EXCLUDE_LEAN_RUNTIME" not in config.flags and "VERSION_COMPATIBLE" in config.flags
+    assert parser_flags == {"NATIVE_INSTANCENORM"}
+
+
 def test_timing_cache_is_created_then_reused_and_a_stale_one_replaced(fake_build, tmp_path, capsys):
     run, _ = fake_build
     cache = tmp_path / "caches" / "trt.cache"

@@ -77,6 +77,9 @@ def test_1_no_command_writes_over_its_inputs(exported, tmp_path):
 def test_1_queries_sharing_a_stem_get_their_own_masks(exported, tmp_path):
     assert unique_names([Path("a.jpg"), Path("a.png"), Path("b.jpg")], ".png") == {
         Path("a.jpg"): "a.jpg.png", Path("a.png"): "a.png.png", Path("b.jpg"): "b.png"}
+    # `A.png.jpg` -> `A.png.png` and `a.png` -> `a.png.png` are one file on a case-insensitive disk (macOS, Windows)
+    names = unique_names([Path("A.png.jpg"), Path("a.png"), Path("a.jpg")], ".png")
+    assert len({n.lower() for n in names.values()}) == 3, names
     model, _, _ = exported("resnet50")
     qdir = tmp_path / "q"
     qdir.mkdir()
