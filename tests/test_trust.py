@@ -78,8 +78,9 @@ def test_1_queries_sharing_a_stem_get_their_own_masks(exported, tmp_path):
     assert unique_names([Path("a.jpg"), Path("a.png"), Path("b.jpg")], ".png") == {
         Path("a.jpg"): "a.jpg.png", Path("a.png"): "a.png.png", Path("b.jpg"): "b.png"}
     # `A.png.jpg` -> `A.png.png` and `a.png` -> `a.png.png` are one file on a case-insensitive disk (macOS, Windows)
-    names = unique_names([Path("A.png.jpg"), Path("a.png"), Path("a.jpg")], ".png")
-    assert len({n.lower() for n in names.values()}) == 3, names
+    for order in ([Path("A.png.jpg"), Path("a.png"), Path("a.jpg")], [Path("a.png"), Path("A.png.jpg"), Path("a.jpg")]):
+        names = unique_names(order, ".png")
+        assert len({n.lower() for n in names.values()}) == 3, names
     model, _, _ = exported("resnet50")
     qdir = tmp_path / "q"
     qdir.mkdir()
