@@ -1,6 +1,8 @@
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -207,3 +209,41 @@ def test_latency_summary_matches_plain_arithmetic():
     for p in PERCENTILES:
         assert summary[f"p{p}"] == pytest.approx(percentile(p))
     assert summary["p50"] == pytest.approx(30.0)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="other processes' CPU use is read from Linux's /proc/stat")
+def test_bench_counts_other_processes_cpu_and_not_its_own():
+    """A child spinning one core for 1.5 s reads as about one core of other work; the same spin in this process
+    (its own threads: a runner's work) does not count."""
+    from hsnet_deploy.machine import OtherCpuUse
+
+    use = OtherCpuUse()
+    end = time.time() + 1.0
+    while time.time() < end:
+        pass
+    own = use.cores()
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end:\n    pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.2)
+        use = OtherCpuUse()
+        time.sleep(1.0)
+        other = use.cores()
+    finally:
+        child.kill()
+        child.wait()
+    assert own is not None and other is not None
+    assert other >= 0.6 and own < other - 0.4, (own, other)
+    short = OtherCpuUse()
+    assert short.cores() is None  # too short a span to tell a quarter of a core apart
+
+
+def test_a_runner_timed_on_a_busy_machine_gets_a_note():
+    from hsnet_deploy.runtime.bench import BenchResult
+    from hsnet_deploy.runtime.suite import busy_machine_notes
+
+    quiet = BenchResult("onnxruntime-cpu fp32", "onnxruntime", "cpu", "fp32", "m.onnx", 1, 1, other_cpu_cores=0.1)
+    busy = BenchResult("pytorch-cpu fp32", "pytorch", "cpu", "fp32", "eager", 1, 1, other_cpu_cores=1.0)
+    unknown = BenchResult("x", "onnxruntime", "cpu", "fp32", "m.onnx", 1, 1)
+    notes = busy_machine_notes([quiet, busy, unknown])
+    assert len(notes) == 1 and "kept 1.0 of" in notes[0] and "pytorch-cpu fp32" in notes[0]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hsnet_deploy.artifacts import INPUT_NAMES
+from hsnet_deploy.machine import OtherCpuUse
 from hsnet_deploy.runtime.base import Runner, input_shapes
 from hsnet_deploy.runtime.memory import peak_rss_bytes, reset_peak_rss
 
@@ -39,6 +40,7 @@ class BenchResult:
     speedup_vs_eager: float | None = None
     device_io_ms: dict[str, float] = field(default_factory=dict)
     compile_s: float | None = None
+    other_cpu_cores: float | None = None  # cores other processes kept busy during the timed calls (machine.py)
     complete: bool = False
     note: str = ""
 
@@ -96,9 +98,11 @@ def bench_runner(
             for _ in range(max(0, warmup - 1)):
                 runner.infer(feed)
             runner.inference_times.clear()
+            others = OtherCpuUse()
             for _ in range(iters):
                 runner.infer(feed)
                 tick()
+            res.other_cpu_cores = others.cores()
             if runner.supports_device_io:
                 res.device_io_ms = device_io_latency(runner, feed, iters, warmup)
             stage_s = runner.profile_stages(feed) if stages else None

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from hsnet_deploy.errors import UserError
+from hsnet_deploy.machine import BUSY_CORES, usable_cores
 from hsnet_deploy.model import seeded_model
 from hsnet_deploy.runtime.artifact import eager_baselines, inspect_artifact, open_artifact
 from hsnet_deploy.runtime.base import AUTHORS_IMG_SIZE, Runner
@@ -126,6 +127,7 @@ def run_suite(
         if result.note == "interrupted":
             suite.interrupted = True
             break
+    suite.notes.extend(busy_machine_notes(suite.results))
     baseline = next((r for r in suite.results if r.backend == "pytorch" and r.precision == "fp32"
                      and r.device == "cpu" and r.latency_ms), None)
     for r in suite.results:
@@ -147,3 +149,14 @@ def no_ort_cuda_reason(arts: list, providers: list[str], skipped: list[str]) -> 
         return skipped[0] if skipped else "this ONNX Runtime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
     pinned = [a.path for a in onnx_models if a.meta.get("ort_device") == "cpu"]
     return f"{', '.join(map(str, pinned))} optimised for the CPU" if pinned else "no ONNX model for CUDA"
+
+
+def busy_machine_notes(results: list[BenchResult]) -> list[str]:
+    """A note per runner timed while other processes kept BUSY_CORES or more of its cores busy: its latency, and
+    every ratio against it, says as much about the machine as about the runner."""
+    notes = []
+    for r in results:
+        if r.other_cpu_cores is not None and r.other_cpu_cores >= BUSY_CORES:
+            notes.append(f"other processes kept {r.other_cpu_cores:.1f} of {usable_cores()} cores busy while {r.label} "
+                         "was timed: its figures and the ratios against it are inflated; rerun on a quiet machine")
+    return notes
