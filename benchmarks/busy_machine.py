@@ -3,7 +3,7 @@ them (`bench_runner`), on a quiet machine and with N processes each spinning one
 of that load (`other_cpu_cores`, machine.py). PyTorch's OpenMP threads wait at barriers for a thread the OS has
 preempted, so the eager baseline, and every "vs eager" ratio, moves far more than the deployed runner.
 
-    python benchmarks/busy_machine.py --model m64.onnx --spinners 0 1 --iters 8 [--record]
+    python benchmarks/busy_machine.py --model m64.onnx --spinners 0 1 --iters 12 [--record]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="An ONNX export (64x64 keeps the eager calls short).")
     parser.add_argument("--spinners", type=int, nargs="+", default=[0, 1], help="Busy processes per row.")
-    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="Write the table into docs/benchmarks.md.")
     args = parser.parse_args()
@@ -52,7 +52,8 @@ def main() -> None:
             for p in procs:
                 p.kill()
                 p.wait()
-        rows.append([spinners, eager_load, eager_ms, ort_load, ort_ms, eager_ms / ort_ms])
+        shown = ["-" if load is None else f"{load:.2f}" for load in (eager_load, ort_load)]
+        rows.append([spinners, shown[0], eager_ms, shown[1], ort_ms, eager_ms / ort_ms])
         print(rows[-1], flush=True)
     table = md_table(["spinning processes", "other cores (eager)", "eager p50 ms", "other cores (ORT)",
                       "ORT p50 ms", "eager / ORT"], rows)

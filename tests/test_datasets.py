@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+from PIL import Image
 from synthetic_datasets import (
     FSS_CLASSES,
     PASCAL_FOLD0_LINES,
@@ -98,7 +99,29 @@ def test_fss_split_file_chooses_classes_and_gives_authors_class_ids(fss_root):
     assert eset.class_ids == (760, 761)
     assert eset.class_names == {760: "Boat", 761: "zebra_fish"}
     assert {e.class_name for e in eset.episodes} == {"Boat", "zebra_fish"}
+    assert {(e.class_id, e.class_name) for e in eset.episodes} == {(760, "Boat"), (761, "zebra_fish")}
     assert eset.notes == []
+
+
+def test_fss_split_file_blank_lines_are_skipped(fss_root):
+    """A blank line (an editor's trailing newline, a gap) names no class: it is not the dataset folder itself."""
+    path = fss_root / "splits" / "fss" / "test.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"zebra_fish\r\n\r\n  \r\nBoat\r\n\r\n")
+    eset = fss_episodes(fss_root)
+    assert eset.class_names == {760: "Boat", 761: "zebra_fish"}
+
+
+def test_fss_mask_foreground_starts_at_128(fss_root):
+    """The authors' FSS reader: a mask pixel is foreground from 128 up (an antialiased edge of exactly 128 counts)."""
+    eset = fss_episodes(fss_root)
+    ep = eset.episodes[0]
+    labels = np.zeros((10, 12), np.uint8)
+    labels[:, :4], labels[:, 4:8] = 127, 128
+    Image.fromarray(np.repeat(labels[..., None], 3, axis=2)).save(ep.query_mask)
+    mask = load_episode(ep, 12).query_mask_orig.numpy()
+    assert mask.shape == (10, 12)
+    assert (mask[:, :4] == 0).all() and (mask[:, 4:8] == 1).all() and (mask[:, 8:] == 0).all()
 
 
 def test_fss_without_split_file_uses_every_class_folder_and_says_so(fss_root):

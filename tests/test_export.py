@@ -133,13 +133,16 @@ def test_verification_fails_on_one_bad_episode_and_judges_relative_to_the_refere
 
 
 def test_metadata_round_trips(exported):
-    path, _, _ = exported("resnet50")
+    path, report, _ = exported("resnet50")
     meta = props_to_meta({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
     assert meta["backbone"] == "resnet50" and meta["img_size"] == EXPORT_SIZE and meta["precision"] == "fp32"
     assert meta["opset"] == 20 and meta["weights"] == "seeded-random" and meta["seed"] == 0
     assert meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert "torch" in meta["versions"] and "onnx" in meta["versions"]
     assert meta["verification"]["worst_rel"] <= 1e-4
+    worst = max(c.worst_rel() for c in report.checks)  # the worst episode's, as `info` shows it
+    assert meta["verification"]["worst_rel"] == pytest.approx(worst, rel=1e-6)
+    assert worst > min(c.worst_rel() for c in report.checks)
 
 
 def test_stage_map_covers_the_graph_in_program_order(exported):
@@ -167,9 +170,9 @@ def test_reference_outputs_expose_three_pyramid_levels(exported):
     assert [out[n].shape[1] for n in PYRAMID_NAMES] == [3, 6, 4]
 
 
-@pytest.mark.parametrize("rank,ok", [(4, True), (5, False), (6, False)])
+@pytest.mark.parametrize("rank,ok", [(3, False), (4, True), (5, False), (6, False)])
 def test_structure_check_refuses_a_conv_that_is_not_2d(rank, ok):
-    """check_onnx_structure's promise (only 2D convs) holds: a 3D/4D Conv left in the graph is an error."""
+    """check_onnx_structure's promise (only 2D convs) holds: a 1D, 3D or 4D Conv left in the graph is an error."""
     from onnx import TensorProto, helper, numpy_helper
 
     from hsnet_deploy.export.onnx_export import check_onnx_structure

@@ -54,6 +54,7 @@ def test_unlabelled_nodes_take_a_neighbours_stage():
     assert stages["conv"] == "learner"
     assert stages["relu"] == "learner" and stages["cast"] == "learner"  # produced by labelled nodes
     assert stages["reshape"] == "correlation"  # its first labelled producer
+    assert stages["shape"] == stages["concat"] == "correlation"  # no labelled producer: the stage of their consumer
     assert node_stages(proto, {})["relu"] == "other"
 
 

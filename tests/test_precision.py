@@ -104,6 +104,19 @@ def test_int8_qdq_sits_exactly_on_the_chosen_stages(fp32_model, int8_ort):
     assert {n for n in quantised_inputs(proto) if ops[n] in ("Conv", "MatMul")} == expected
     assert meta["variant"]["quantized_stages"] == ["backbone", "correlation"]
     assert meta["variant"]["qdq"]["int_types"] == ["int32", "int8", "uint8"]  # biases, weights, activations
+    assert meta["variant"]["qdq"]["zero_points_all_zero"] is False  # uint8 activations sit around 128, not 0
+
+
+def test_the_logits_conv_is_never_quantised_even_in_the_decoder_stage(fp32_model):
+    """Quantising the last Conv (64 -> 2, the logits) rounds them to 8 bits for well under 1% of the time."""
+    from hsnet_deploy.calibration.graph import node_stages, weighted_nodes
+
+    proto = onnx.load(str(fp32_model))
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    stage_of = node_stages(proto)
+    decoder = weighted_nodes(proto, {"decoder"})
+    assert decoder and convs[-1] not in decoder
+    assert set(decoder) == {c for c in convs[:-1] if stage_of.get(c) == "decoder"}
 
 
 def test_int8_onnxruntime_variant_becomes_int8_kernels(int8_ort):

@@ -135,7 +135,8 @@ def test_stage_profiling_is_one_call_and_leaves_no_temp_dir(exported, tmp_path, 
     for runner in (open_artifact(path, "cpu"), open_model(model, "cpu")):
         with runner:
             stages = runner.profile_stages(feed)
-        assert {"backbone", "correlation", "learner"} <= set(stages), (runner.info.label, stages)
+        # the same stages from either runner, the K-shot vote after the logits as "other", so their bars line up
+        assert set(stages) == {"backbone", "correlation", "learner", "decoder", "other"}, (runner.info.label, stages)
         assert all(t >= 0 for t in stages.values()) and sum(stages.values()) > 0
     assert os.listdir(tmp_path) == []
 

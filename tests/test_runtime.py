@@ -187,6 +187,10 @@ def test_profile_names_onnx_runtime_rewrote_map_to_their_stage():
     assert _fused_stage("InsertedPrecisionFreeCast_node_mul_620", stage_of) == "correlation"
     assert _fused_stage("conv2d_66_nchwc", stage_of) == "learner"
     assert _fused_stage("Reorder_token_7", stage_of) == "other"
+    # a rewritten name that two known names begin with takes the longer one's stage, whatever the map's order
+    for order in (("conv2d_6", "conv2d_66"), ("conv2d_66", "conv2d_6")):
+        overlapping = {name: {"conv2d_6": "backbone", "conv2d_66": "learner"}[name] for name in order}
+        assert _fused_stage("conv2d_66_token_3", overlapping) == "learner"
 
 
 def test_latency_summary_matches_plain_arithmetic():
@@ -247,3 +251,24 @@ def test_a_runner_timed_on_a_busy_machine_gets_a_note():
     unknown = BenchResult("x", "onnxruntime", "cpu", "fp32", "m.onnx", 1, 1)
     notes = busy_machine_notes([quiet, busy, unknown])
     assert len(notes) == 1 and "kept 1.0 of" in notes[0] and "pytorch-cpu fp32" in notes[0]
+
+
+def test_ort_stage_profile_leaves_out_the_warm_up_run_and_averages_the_rest():
+    """ONNX Runtime's trace lists each run's node events before that run's model_run event: the first run (it warms
+    up: allocations, algorithm searches) is left out and the other runs averaged."""
+    from types import SimpleNamespace
+
+    from hsnet_deploy.runtime.ort_runner import OrtRunner
+
+    def node(name, us):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "dur": us}
+
+    events = [node("conv_a", 900_000), node("conv_b", 900_000), {"cat": "Session", "name": "model_run"}]
+    for _ in range(3):
+        events += [node("conv_a", 1000), node("conv_b", 3000), {"cat": "Session", "name": "model_run"}]
+    runner = object.__new__(OrtRunner)
+    runner.cuda_graph = False
+    runner.info = SimpleNamespace(metadata={"stages": {"backbone": ["conv_a"], "learner": ["conv_b"]}})
+    runner._profiled_events = lambda feed, runs: events if runs == 4 else []
+    stages = runner.profile_stages_impl({}, runs=3)
+    assert stages == pytest.approx({"backbone": 1e-3, "learner": 3e-3})

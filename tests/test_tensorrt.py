@@ -230,6 +230,7 @@ def test_compatibility_refuses_another_compute_capability_naming_both():
         ("11.0.0.1", "11.4.0.106", True),  # later minor of the same major
         ("10.13.0.35", "11.4.0.106", True),  # 10 -> 11 is a supported major crossing
         ("11.4.0.106", "11.1.0.5", False),  # never on an older runtime
+        ("11.4.1.2", "11.4.0.106", False),  # nor on an older patch release of the same minor
         ("8.6.1.6", "11.4.0.106", False),  # 8 -> 11 is not supported
     ],
 )

@@ -195,3 +195,19 @@ def test_a_command_that_ran_on_after_a_swallowed_stop_exits_as_stopped(monkeypat
     monkeypatch.setattr(info, "environment", environment)
     code, _, err = run_cli("info")
     assert code == 143 and "Terminated (SIGTERM)." in err
+
+
+def test_a_second_sigterm_does_not_interrupt_the_cleanup_of_the_first():
+    """`timeout` and a supervisor may both signal: the first SIGTERM stops the work, the second must not break into
+    the cleanup that follows (temporary exports would be left behind)."""
+    from hsnet_deploy.termination import Terminated, sigterm_as_interrupt
+
+    cleaned = False
+    with sigterm_as_interrupt() as state:
+        try:
+            _sigterm_self()
+            raise AssertionError("the first SIGTERM did not stop the work")
+        except Terminated:
+            _sigterm_self()  # a second one, during the cleanup
+            cleaned = True
+    assert cleaned and state.received

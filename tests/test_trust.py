@@ -565,6 +565,12 @@ def test_a_long_label_is_cut_and_the_figures_stay():
     assert max(len(line) for line in lines) <= 80
     assert lines[0].split()[-1] == "%" and lines[2].endswith("81.5") and lines[3].endswith("3.25")
     assert "…" in lines[2] and "3 dog" in lines[3]
+    # a label exactly as long as the line leaves it (80 - the figures' column and its gap) is shown whole
+    fitting = "17 " + "y" * (80 - len("IoU %") - 3 - 3)
+    console = Console(width=80, file=io.StringIO())
+    console.print(table("", ["class", "IoU %"], [(fitting, 81.5)], width=80))
+    lines = console.file.getvalue().splitlines()
+    assert fitting in lines[2] and "…" not in lines[2] and len(lines[2]) <= 80
 
 
 def test_options_the_artifact_makes_pointless_are_refused(exported, tmp_path):
@@ -894,3 +900,15 @@ def test_fifth_audit_refusals_come_first_and_say_the_true_reason(exported, tmp_p
     assert not asked.passed and "so the gate fails" in unjudged_miou_note(asked)
     default = _report(0.99, 0.0, 0.0, GateThresholds.defaults(True))
     assert default.passed and "agreement with FP32 decides" in unjudged_miou_note(default)
+
+
+def test_fifth_audit_mutants_ignored_gate_options_and_one_path_for_two_outputs(exported, tmp_path):
+    """Two refusals no test held (a mutation run removed each and every test passed): gate options on an FP32 build,
+    and one path given for two outputs (the JSON report would replace the model)."""
+    model, _, _ = exported("resnet50")
+    out = tmp_path / "x.onnx"
+    code, _, err = run_cli("build-engine", str(model), "--gate-min-agreement", "0.9", "-o", str(out))
+    assert code == 2 and "--gate-min-agreement: for --fp16 or --int8" in " ".join(err.split()), err
+    code, _, err = run_cli("build-engine", str(model), "-o", str(out), "--json", str(out))
+    assert code == 2 and "given as both -o and --json; each output needs its own path" in " ".join(err.split()), err
+    assert not out.exists()
