@@ -24,9 +24,9 @@ def usable_cores() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# A benchmark run is called busy when other processes kept at least this many of its cores busy: on the 2-core
-# machine a quarter of a core of other work already slowed PyTorch's two OpenMP threads many-fold (their barriers
-# wait on a thread that is not running), while ONNX Runtime moved little (docs/benchmarks.md, "A busy machine").
+# A runner is called timed on a busy machine when other processes kept at least this many of its cores busy: far
+# above a quiet machine's background (0.01-0.03 measured) and well below the one core that made eager PyTorch
+# 3.5-5x slower and ONNX Runtime 1.6-2x on the 2-core machine (docs/benchmarks.md, "A busy machine").
 BUSY_CORES = 0.25
 MIN_SPAN_S = 0.4  # /proc/stat counts in 10 ms ticks: up to 2 ticks a core of error, 0.1 of a core over 0.4 s
 
