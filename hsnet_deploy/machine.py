@@ -1,4 +1,5 @@
-"""What CPU this process runs on, read once for `info`, bench and eval records (no torch, no backends)."""
+"""The CPU this process runs on and how busy other work keeps it: for `info`, and bench and eval records (no torch,
+no backends)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ def usable_cores() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-# A runner is called timed on a busy machine when other processes kept at least this many of its cores busy: far
-# above a quiet machine's background (0.01-0.03 measured) and well below the one core that made eager PyTorch
-# 3.5-5x slower and ONNX Runtime 1.6-2x on the 2-core machine (docs/benchmarks.md, "A busy machine").
+# A runner is called timed on a busy machine when other work kept at least this many of its cores busy: far above
+# a quiet machine's background and well below the one core that slowed eager PyTorch several-fold on the 2-core
+# machine (figures: docs/benchmarks.md, "A busy machine").
 BUSY_CORES = 0.25
-MIN_SPAN_S = 0.4  # /proc/stat counts in 10 ms ticks: up to 2 ticks a core of error, 0.1 of a core over 0.4 s
+MIN_SPAN_S = 0.4  # /proc/stat counts in 10 ms ticks: about 0.05 of a core of error per busy core over 0.4 s
+STAT = Path("/proc/stat")
 
 
 def _cpus() -> frozenset[int]:
@@ -38,7 +40,7 @@ def _cpus() -> frozenset[int]:
 def _busy_seconds(cpus: frozenset[int]) -> float | None:
     """CPU seconds spent busy (user, nice, system, irq, softirq, steal) on `cpus` since boot; None off Linux."""
     try:
-        lines = Path("/proc/stat").read_text().splitlines()
+        lines = STAT.read_text().splitlines()
         tick = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, AttributeError):
         return None
@@ -54,9 +56,10 @@ def _busy_seconds(cpus: frozenset[int]) -> float | None:
 
 
 class OtherCpuUse:
-    """How many of this process's cores other processes kept busy over a span: the share of a benchmark's
-    slowdown that is the machine's, not the runner's. Busy time on those cores from /proc/stat, less this
-    process's own CPU time (all its threads). None where /proc/stat is missing or the span is too short."""
+    """How many of this process's cores other work kept busy over a span: the share of a benchmark's slowdown
+    that is the machine's, not the runner's. Busy time on those cores from /proc/stat (a VM's steal time
+    included), less this process's own CPU time (all its threads). None where /proc/stat is missing or the span
+    is too short. The cores are the affinity set: under a CPU quota without a cpuset that is the host's."""
 
     def __init__(self) -> None:
         self.cpus = _cpus()

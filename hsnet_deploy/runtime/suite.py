@@ -157,6 +157,7 @@ def busy_machine_notes(results: list[BenchResult]) -> list[str]:
     notes = []
     for r in results:
         if r.other_cpu_cores is not None and r.other_cpu_cores >= BUSY_CORES:
-            notes.append(f"other processes kept {r.other_cpu_cores:.1f} of {usable_cores()} cores busy while {r.label} "
-                         "was timed: its figures and the ratios against it are inflated; rerun on a quiet machine")
+            what = r.label + (f" ({r.artifact})" if Path(r.artifact).is_file() else "")
+            notes.append(f"other work kept {r.other_cpu_cores:.2f} of {usable_cores()} cores busy while {what} was "
+                         "timed: its figures and the ratios against it are inflated; rerun on a quiet machine")
     return notes
