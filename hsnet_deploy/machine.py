@@ -20,9 +20,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def usable_cores() -> int | None:
+def usable_cores() -> int:
     """The cores this process may use (a cpuset's, under taskset, Slurm or docker --cpuset-cpus), not the host's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return len(_cpus())
 
 
 # A runner is called timed on a busy machine when other work kept at least this many of its cores busy: far above
@@ -34,6 +34,7 @@ STAT = Path("/proc/stat")
 
 
 def _cpus() -> frozenset[int]:
+    """The ids of the cores this process may use."""
     return frozenset(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
 
 

@@ -107,9 +107,9 @@ def _contents(path: Path) -> tuple[dict, str | None, bool | None, str]:
         raise UserError(f"{path}: not an HSNet checkpoint (holds a {type(obj).__name__}, expected a state_dict)")
     if obj.get("format") == FORMAT:
         state, backbone, mask_support = obj.get("state_dict"), obj.get("backbone"), obj.get("mask_support")
-        if not isinstance(state, dict) or not state or not isinstance(backbone, str):
-            missing = [k for k, ok in (("state_dict", isinstance(state, dict) and state),
-                                       ("backbone", isinstance(backbone, str))) if not ok]
+        missing = [k for k, ok in (("state_dict", isinstance(state, dict) and bool(state)),
+                                   ("backbone", isinstance(backbone, str))) if not ok]
+        if missing:
             raise UserError(f"{path}: an hsnet-deploy checkpoint without a usable {' or '.join(missing)} (damaged, or "
                             "written by other code)")
         return state, backbone, None if mask_support is None else bool(mask_support), "hsnet-deploy"

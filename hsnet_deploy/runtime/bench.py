@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hsnet_deploy.artifacts import INPUT_NAMES
-from hsnet_deploy.machine import OtherCpuUse
+from hsnet_deploy.machine import OtherCpuUse, cpu_name, usable_cores
 from hsnet_deploy.runtime.base import Runner, input_shapes
 from hsnet_deploy.runtime.memory import peak_rss_bytes, reset_peak_rss
 
@@ -169,8 +169,6 @@ class Suite:
 
 def machine_info() -> dict:
     import platform
-
-    from hsnet_deploy.machine import cpu_name, usable_cores
 
     info = {"cpu": cpu_name(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version()}

@@ -196,8 +196,9 @@ def check_repository(out_dir: Path, model_dir: Path, artifact: Path) -> None:
     if artifact.resolve().is_relative_to(model_dir.resolve()):
         raise UserError(f"{artifact}: lies in {model_dir}, the model folder this command writes; copy it out of the "
                         "repository first")
-    for path, what in ((model_dir, "the model folder"), (model_dir / "config.pbtxt", "the model's config"),
-                       (model_dir / str(VERSION), "the version folder")):
-        if path.exists() and path.is_dir() != (what != "the model's config"):
+    for path, what, folder in ((model_dir, "the model folder", True),
+                               (model_dir / "config.pbtxt", "the model's config", False),
+                               (model_dir / str(VERSION), "the version folder", True)):
+        if path.exists() and path.is_dir() != folder:
             kind = "a folder" if path.is_dir() else "a file"
             raise UserError(f"{path}: is {kind}, where triton-repo writes {what}; move it away first")
