@@ -357,3 +357,51 @@ def test_overlay_tints_the_foreground_outlines_it_and_leaves_the_background():
     assert (out[3, 3] == tinted).all() and (out[4, 4] == tinted).all()
     assert (out[5, 3] == colour).all() and (out[3, 5] == colour).all()  # bottom and right rim
     assert (out[0, 0] == 100).all() and (out[7, 7] == 100).all() and (out[3, 0] == 100).all()
+
+
+def test_predict_records_the_masks_fraction_and_writes_a_jpeg_overlay_for_jpeg_names(tmp_path):
+    """predict() with a stand-in runner whose logits say foreground in the left half: the record's fraction is the
+    written mask's share of 255 pixels (about one half), its size the query's, and an overlay named .jpeg is a
+    JPEG (like .jpg), one named .png a PNG."""
+    from hsnet_deploy.predict import Supports, predict
+
+    size = 8
+
+    class HalfRunner:
+        inference_times = (0.01,)
+
+        def infer(self, feed):
+            fg = np.zeros((size, size), np.float32)
+            fg[:, : size // 2] = 1
+            logits = np.stack([1 - fg, fg])[None, None]  # (B=1, K=1, 2, S, S)
+            return {"logits": (logits - 0.5) * 10}
+
+    query = tmp_path / "q.jpg"
+    Image.fromarray(np.full((50, 70, 3), 128, np.uint8)).save(query)
+    supports = Supports(np.zeros((1, 3, size, size), np.float32), np.ones((1, size, size), np.float32), [])
+    for suffix, fmt in ((".jpeg", "JPEG"), (".png", "PNG")):
+        records = predict(HalfRunner(), [query], supports, size, lambda q: tmp_path / "m.png",
+                          lambda q, s=suffix: tmp_path / f"over{s}")
+        assert Image.open(tmp_path / f"over{suffix}").format == fmt
+    written = np.asarray(Image.open(tmp_path / "m.png"))
+    assert Image.open(tmp_path / "m.png").format == "PNG" and written.shape == (50, 70)
+    record = records[0]
+    assert record["foreground_fraction"] == pytest.approx((written == 255).mean())
+    assert record["foreground_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert (record["width"], record["height"]) == (70, 50) and record["size"] == [70, 50]
+
+
+def test_predict_output_paths_check_the_overlay_suffix_and_name_folder_overlays_jpg(tmp_path):
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.predict import output_paths
+
+    query = tmp_path / "q.png"
+    Image.new("RGB", (8, 8)).save(query)
+    with pytest.raises(UserError, match="--overlay: expected a .png or .jpg path"):
+        output_paths(str(tmp_path / "m.png"), str(tmp_path / "o.gif"), [query], is_dir_query=False)
+    qdir = tmp_path / "queries"
+    qdir.mkdir()
+    queries = [qdir / "a.png", qdir / "b.jpg"]
+    mask_fn, over_fn = output_paths(str(tmp_path / "masks"), str(tmp_path / "overlays"), queries, is_dir_query=True)
+    assert [mask_fn(q).name for q in queries] == ["a.png", "b.png"]
+    assert [over_fn(q).name for q in queries] == ["a.jpg", "b.jpg"]  # overlays are photos: JPEG

@@ -240,3 +240,31 @@ def test_extreme_episodes_draw_ignored_pixels_grey():
     thumb = keep.best()[0]["gt"]
     assert set(np.unique(thumb)) == {0, 128, 255}
     assert (thumb[:, :4] == 128).all() and thumb[40:60, 40:60].min() == 255
+
+
+def test_a_replaced_report_leaves_no_old_folder_and_others_can_read_it(tmp_path):
+    """Replacing an earlier report renames the old one aside and deletes it: only the report folder remains. The
+    folder is made with mkdtemp (0700); it gets the user's umask like any folder, so others can open the page."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = write_bench_report(SMALL_SUITE, tmp_path / "rep")
+        write_bench_report(SMALL_SUITE, out)
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "index.html").stat().st_mode & 0o777 == 0o644
+
+
+def test_report_tables_escape_names_and_give_episodes_per_second(tmp_path):
+    suite = {**SMALL_SUITE, "results": [{**SMALL_SUITE["results"][0], "label": "<b>fast</b> & co"}]}
+    page = (write_bench_report(suite, tmp_path / "b") / "index.html").read_text()
+    assert "<td>&lt;b&gt;fast&lt;/b&gt; &amp; co</td>" in page and "<b>fast" not in page
+    result = {"dataset": "fss", "fold": 0, "shots": 1, "episodes": 6, "miou": 50.0, "fb_iou": 60.0,
+              "class_iou": {"0": 50.0}, "class_names": {"0": "<cat>"}, "seconds": 3.0}
+    page = (write_eval_report(result, None, tmp_path / "e") / "index.html").read_text()
+    # mIoU %, FB-IoU %, paper mIoU % (none for a run without the authors' figures), episodes, 6 / 3 s
+    assert "<tr><td>50</td><td>60</td><td>-</td><td>6</td><td>2</td></tr>" in page
+    assert "<td>0 &lt;cat&gt;</td>" in page

@@ -351,3 +351,185 @@ def test_a_batch_runs_one_call_per_k_and_a_failed_call_is_retried_per_episode():
     assert model.runner.shapes == [(3, 1), (1, 1), (1, 1), (1, 1)]  # the batch, then each episode alone
     assert [r[0] for r in results] == ["ok", "error", "ok"] and "NaN query" in results[1][1]
     assert results[0][1].all() and not results[2][1].any()
+
+
+# The HTTP ingress without Ray: HSNetAPI's handlers called on a hand-made Starlette request, a stand-in model
+# (describe / segment / replica answer as the deployment handle's `.remote()` does, awaitable).
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+
+        return call()
+
+
+class _FakeModel:
+    def __init__(self, answer, max_shots=MAX_SHOTS, img_size=16):
+        facts = {"backend": "onnxruntime", "device": "cpu", "precision": "fp32", "img_size": img_size,
+                 "max_batch": 4, "max_shots": max_shots, "metadata": {}}
+        self.describe = _Remote(lambda: facts)
+        self.replica = _Remote(dict)
+        self.episodes = []
+
+        def segment(episode):
+            self.episodes.append(episode)
+            return answer(episode)
+
+        self.segment = _Remote(segment)
+
+
+def _ingress(answer=lambda ep: ("ok", np.zeros((ep.height, ep.width), np.uint8)), **config):
+    from hsnet_deploy.serve.app import HSNetAPI
+    from hsnet_deploy.serve.config import ServeConfig
+
+    # the class as written, under serve.ingress's wrapper (whose ASGI set-up and async __del__ need Ray running)
+    user_class = next(c for c in HSNetAPI.func_or_class.__mro__[1:] if c.__name__ == "HSNetAPI")
+    api = object.__new__(user_class)
+    user_class.__init__(api, _FakeModel(answer), ServeConfig("m.onnx", **{"max_shots": MAX_SHOTS, **config}))
+    return api
+
+
+def _request(path: str, fields: list, content_length: bool = True, chunk: int = 1024):
+    """A multipart POST: `fields` are (name, str) form fields or (name, bytes) file fields, in order; without
+    `content_length` the body streams in chunks with no Content-Length header (as a chunked upload)."""
+    from starlette.requests import Request
+
+    boundary = "hsnet-test-boundary"
+    body = b""
+    for i, (name, value) in enumerate(fields):
+        if isinstance(value, bytes):
+            head = f'Content-Disposition: form-data; name="{name}"; filename="f{i}.png"\r\nContent-Type: image/png'
+        else:
+            head, value = f'Content-Disposition: form-data; name="{name}"', value.encode()
+        body += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+    if content_length:
+        headers.append((b"content-length", str(len(body)).encode()))
+    pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)]
+
+    async def receive():
+        piece = pieces.pop(0) if pieces else b""
+        return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers, "query_string": b"",
+             "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1), "root_path": ""}
+    return Request(scope, receive)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _reply(response) -> tuple[int, dict]:
+    import json
+
+    return response.status_code, json.loads(response.body)
+
+
+def _a_pair(height=20, width=30, box=True):
+    mask = np.zeros((height, width), np.uint8)
+    if box:
+        mask[5:15, 5:20] = 255
+    return _png(np.full((height, width, 3), 120, np.uint8)), _png(mask)
+
+
+def test_ingress_register_answers_201_with_the_empty_masks_and_413_when_the_store_cannot_hold_the_set():
+    import asyncio
+
+    api = _ingress()
+    (img, mask), (_, empty) = _a_pair(), _a_pair(box=False)
+    status, body = _reply(asyncio.run(api.register(_request("/support-sets", [
+        ("image", img), ("mask", mask), ("image", img), ("mask", empty), ("image", img), ("mask", mask)]))))
+    assert status == 201 and body["shots"] == 3 and len(body["id"]) == 32
+    assert "masks [2] have no foreground" in body["warning"]  # the second of the three masks is empty
+    status, body = _reply(asyncio.run(api.register(_request("/support-sets", [("image", img), ("mask", mask)]))))
+    assert status == 201 and "warning" not in body
+    # a 1-shot set at S = 16 takes (3 + 1) * 16 * 16 * 4 = 4096 bytes: a 4000-byte store cannot hold one
+    tiny = _ingress(max_store_mb=4000 / 2**20)
+    status, body = _reply(asyncio.run(tiny.register(_request("/support-sets", [("image", img), ("mask", mask)]))))
+    assert status == 413 and "more than the store" in body["error"], body
+
+
+def test_ingress_refuses_a_streamed_body_over_the_limit_and_two_support_sets():
+    import asyncio
+
+    api = _ingress(max_upload_mb=0.01)  # 10485 bytes
+    noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    big = _png(noise)  # ~14 KB: over the limit, sent in 1 KB chunks without a Content-Length
+    assert len(big) > 0.01 * 2**20
+    request = _request("/segment", [("support_set", "x"), ("image", big)], content_length=False)
+    status, body = _reply(asyncio.run(api.segment(request, format="png")))
+    assert status == 413 and "over the server's limit of 10485 bytes" in body["error"], body
+    img, mask = _a_pair()
+    api = _ingress()
+    set_id = _reply(asyncio.run(api.register(_request("/support-sets", [("image", img), ("mask", mask)]))))[1]["id"]
+    request = _request("/segment", [("support_set", set_id), ("support_set", set_id), ("image", img)])
+    status, body = _reply(asyncio.run(api.segment(request, format="png")))
+    assert status == 400 and "2 `support_set` fields" in body["error"], body
+    assert not api.model.episodes  # refused before the model saw it
+
+
+def test_ingress_reports_a_failed_episode_as_500_and_a_lost_replica_as_a_retriable_503():
+    import asyncio
+
+    img, mask = _a_pair()
+
+    def served(answer, fmt="json"):
+        api = _ingress(answer)
+        set_id = _reply(asyncio.run(api.register(_request("/support-sets", [("image", img), ("mask", mask)]))))[1]["id"]
+        return api, asyncio.run(api.segment(_request("/segment", [("support_set", set_id), ("image", img)]),
+                                            format=fmt))
+
+    _, response = served(lambda ep: ("error", "ValueError: NaN query"))
+    status, body = _reply(response)
+    assert status == 500 and body["error"] == "inference failed: ValueError: NaN query"
+
+    def lost(_ep):
+        raise ray.exceptions.ActorUnavailableError("gone", None)
+
+    api, response = served(lost)
+    status, body = _reply(response)
+    assert status == 503 and response.headers["retry-after"] == "1" and "retry" in body["error"]
+    assert api.requests["retriable_503"] == 1
+    third = np.zeros((20, 30), np.uint8)
+    third[:, :10] = 1  # the left 10 of 30 columns: a third of the pixels, in the first 200 column-major
+    _, response = served(lambda ep: ("ok", third))
+    status, body = _reply(response)
+    assert status == 200 and (body["height"], body["width"]) == (20, 30)
+    assert body["foreground_fraction"] == pytest.approx(1 / 3) and body["rle"]["counts"] == [0, 200, 400]
+
+
+def test_ingress_info_shows_the_configured_limits_and_counts_refusals():
+    import asyncio
+
+    api = _ingress(max_upload_mb=3.5, max_pixels=123_456, max_store_mb=64.0)
+    img, _mask = _a_pair()
+    for _ in range(2):  # three refusals: an unknown set (404) twice, then a missing support_set field (400)
+        asyncio.run(api.segment(_request("/segment", [("support_set", "nope"), ("image", img)]), format="png"))
+    asyncio.run(api.segment(_request("/segment", [("image", img)]), format="png"))
+    info = asyncio.run(api.info())
+    assert info["limits"] == {"max_shots": MAX_SHOTS, "max_upload_mb": 3.5, "max_pixels": 123_456}
+    assert info["store"]["max_mb"] == 64.0 and info["requests"]["errors_4xx"] == 3
+    assert info["requests"]["segment"] == 3
+
+
+def test_shot_and_batch_limits_are_capped_by_a_plans_profile():
+    import types
+
+    from hsnet_deploy.serve.app import batch_limit, shot_limit
+
+    def runner(profile):
+        return types.SimpleNamespace(info=types.SimpleNamespace(profile_max=lambda name: profile.get(name)))
+
+    plan = runner({"shots": 5, "batch": 4})
+    assert shot_limit(plan, 10) == 5 and shot_limit(plan, 3) == 3
+    assert batch_limit(plan, 8) == 4 and batch_limit(plan, 2) == 2
+    assert shot_limit(runner({}), 10) == 10 and batch_limit(runner({}), 8) == 8  # no profile: the option

@@ -334,3 +334,49 @@ def test_an_interrupt_before_sigint_is_ignored_does_not_skip_the_stop(monkeypatc
     with pytest.raises(KeyboardInterrupt):
         _run_with_fake_ray(monkeypatch, fake)
     assert calls["entered"] == 2 and fake.seen["ray_shutdown"] and "sigint_while_stopping" in fake.seen
+
+
+def test_uploads_at_the_servers_limits_pass():
+    """K equal to --max-shots and an image of exactly --max-pixels are within the limits, not over them."""
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:20] = 255
+    img = png(np.full((20, 30, 3), 100, np.uint8))
+    support, empty = uploads.support_set([img] * 3, [png(mask)] * 3, 16, LIMITS)  # K = 3 = LIMITS.max_shots
+    assert support.shots == 3 and empty == []
+    exact = png(np.full((400, 500, 3), 100, np.uint8))  # 500 x 400 = 200,000 = LIMITS.max_pixels
+    exact_mask = np.zeros((400, 500), np.uint8)
+    exact_mask[100:300, 100:400] = 255
+    support, _ = uploads.support_set([exact], [png(exact_mask)], 16, LIMITS)
+    assert support.images.shape == (1, 3, 16, 16)
+    assert uploads.query(exact, 16, LIMITS)[1:] == (400, 500)
+
+
+def test_uploads_name_an_empty_file_and_refuse_a_decompression_bomb_with_413(monkeypatch):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 5:20] = 255
+    img = png(np.full((20, 30, 3), 100, np.uint8))
+    for call, status, text in [
+        (lambda: uploads.support_set([b""], [png(mask)], 16, LIMITS), 400, "image 1: empty file"),
+        (lambda: uploads.support_set([img], [b""], 16, LIMITS), 400, "mask 1: empty file"),
+        (lambda: uploads.query(b"", 16, LIMITS), 400, "image: empty file"),
+    ]:
+        with pytest.raises(uploads.RequestError) as info:
+            call()
+        assert info.value.status == status and info.value.message == text, info.value.message
+    # Pillow refuses to open an image of over twice MAX_IMAGE_PIXELS: 600 pixels against a limit of 2 x 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(uploads.RequestError) as info:
+        uploads.query(img, 16, LIMITS)
+    assert info.value.status == 413 and "image: image over Pillow's decompression-bomb limit" in info.value.message
+
+
+def test_mask_json_gives_the_fraction_of_foreground_pixels():
+    mask = np.zeros((4, 6), np.uint8)
+    mask[1:3, 2:5] = 1  # 6 of 24 pixels
+    encoded = uploads.mask_json(mask)
+    assert (encoded["height"], encoded["width"]) == (4, 6)
+    assert encoded["foreground_fraction"] == pytest.approx(0.25)
+    # column-major, background first: 9 (columns 0-1 and the top of column 2), then in columns 2-4 two foreground
+    # and two background (a column's bottom and the next one's top), and column 4's bottom with column 5: 5
+    assert encoded["rle"]["counts"] == [9, 2, 2, 2, 2, 2, 5]
+    assert uploads.mask_json(np.zeros((0, 0), np.uint8))["foreground_fraction"] == 0.0

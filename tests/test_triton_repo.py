@@ -170,3 +170,63 @@ def test_a_rewritten_repository_serves_the_model_just_written(exported, tmp_path
     before = inside.read_bytes()
     code, _, err = run_cli("triton-repo", str(inside), "-o", str(tmp_path / "." / "repo"))
     assert code == 2 and "the model folder this command writes" in err and inside.read_bytes() == before
+
+
+def _fake_plan(tmp_path, batch_max=4):
+    plan = tmp_path / "hsnet.plan"
+    plan.write_bytes(b"not really a plan: Triton loads it, we only copy it")
+    # its source ONNX model moved away: the config takes the contract's dtypes (all FP32)
+    meta = {"backbone": "resnet50", "img_size": EXPORT_SIZE, "precision": "fp16", "artifact": "tensorrt-plan",
+            "source_onnx": "moved-away.onnx", "profile": {"batch": [1, 1, batch_max], "shots": [1, 1, 5]}}
+    (tmp_path / "hsnet.plan.json").write_text(json.dumps(meta))
+    return plan
+
+
+def test_plan_refusals_and_a_batch_of_one(tmp_path):
+    """A plan runs on GPU instances only; --instances 0 is refused by the library as by the CLI; with B = 1 the
+    preferred batch size is 1 (half of it, 0, is no batch size)."""
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.serve.triton import write_triton_repo
+
+    plan = _fake_plan(tmp_path)
+    code, _, err = run_cli("triton-repo", str(plan), "-o", str(tmp_path / "cpu"), "--kind", "cpu", "--max-batch", "4")
+    assert code == 2 and "a TensorRT plan runs on a GPU only" in err
+    assert not (tmp_path / "cpu" / "hsnet" / "config.pbtxt").exists()
+    with pytest.raises(UserError, match="--max-batch and --instances must be at least 1"):
+        write_triton_repo(plan, tmp_path / "none", max_batch=2, instances=0)
+    assert run_cli("triton-repo", str(plan), "-o", str(tmp_path / "one"), "--max-batch", "1")[0] == 0
+    config = parse(tmp_path / "one" / "hsnet" / "config.pbtxt")
+    assert config.max_batch_size == 1 and list(config.dynamic_batching.preferred_batch_size) == [1]
+
+
+def test_a_plan_whose_metadata_names_no_source_model_gets_the_contract_dtypes(tmp_path):
+    """Older or hand-written plan metadata without `source_onnx` (or with it empty) still gives a config, every
+    tensor FP32 as the contract has them, instead of an internal error."""
+    plan = _fake_plan(tmp_path)
+    sidecar = tmp_path / "hsnet.plan.json"
+    for source in (None, ""):
+        meta = json.loads(sidecar.read_text())
+        meta.pop("source_onnx", None)
+        if source is not None:
+            meta["source_onnx"] = source
+        sidecar.write_text(json.dumps(meta))
+        out = tmp_path / f"repo{source is None}"
+        code, _, err = run_cli("triton-repo", str(plan), "-o", str(out), "--max-batch", "4")
+        assert code == 0, err
+        config = parse(out / "hsnet" / "config.pbtxt")
+        dtypes = {t.name: model_config_pb2.DataType.Name(t.data_type) for t in (*config.input, *config.output)}
+        assert set(dtypes.values()) == {"TYPE_FP32"} and len(dtypes) == 5
+
+
+def test_tensorrt_accelerator_parameters_follow_precision_and_workspace():
+    """FP16 models get TensorRT's FP16 mode; the workspace is given in bytes (GiB x 2^30)."""
+    from hsnet_deploy.serve.triton import INPUTS, OUTPUTS, config_text
+
+    types = {n: "TYPE_FP32" for n in INPUTS + OUTPUTS}
+    for precision, mode in (("fp16", "FP16"), ("int8", "INT8"), ("fp32", "FP32")):
+        text = config_text("onnxruntime_onnx", 8, types, EXPORT_SIZE, instances=1, kind="KIND_GPU",
+                           accelerator="tensorrt", precision=precision, queue_delay_us=100, workspace_gib=2.5)
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        params = config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
+        assert params["precision_mode"] == mode
+        assert params["max_workspace_size_bytes"] == str(5 * 2**29)  # 2.5 GiB = 2,684,354,560 bytes

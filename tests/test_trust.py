@@ -912,3 +912,51 @@ def test_fifth_audit_mutants_ignored_gate_options_and_one_path_for_two_outputs(e
     code, _, err = run_cli("build-engine", str(model), "-o", str(out), "--json", str(out))
     assert code == 2 and "given as both -o and --json; each output needs its own path" in " ".join(err.split()), err
     assert not out.exists()
+
+
+def test_table_numbers_and_record_values():
+    """Table cells keep 3-4 significant digits with no exponent (100 and above: whole numbers); a record's missing
+    value shows as '-'."""
+    import io
+
+    from rich.console import Console
+
+    from hsnet_deploy.console import kv_table, number
+
+    assert [number(v) for v in (1695.4, 100.0, 99.94, 53.91, 1.234, 0.4521, 0.0)] == [
+        "1695", "100", "99.9", "53.9", "1.23", "0.452", "0"]
+    console = Console(width=80, file=io.StringIO())
+    console.print(kv_table("facts", [("precision", "fp16"), ("gpu", None)]))
+    lines = console.file.getvalue().splitlines()
+    assert any("gpu" in line and " - " in line for line in lines) and "None" not in console.file.getvalue()
+
+
+def test_a_reader_that_leaves_before_a_flush_sends_the_rest_to_devnull(tmp_path, monkeypatch):
+    """`| head` closing the pipe surfaces on a flush as often as on a write: the flush drops the output too."""
+    import os
+    import sys
+
+    from hsnet_deploy.console import ReaderMayLeave
+
+    sink = tmp_path / "stdout"
+    fd = os.open(sink, os.O_WRONLY | os.O_CREAT)
+
+    class GonePipe:
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            raise BrokenPipeError
+
+        def fileno(self):
+            return fd
+
+    monkeypatch.setattr(sys, "stdout", GonePipe())
+    try:
+        stream = ReaderMayLeave()
+        stream.flush()  # no BrokenPipeError
+        assert stream.write("table\n") == 6
+        os.write(fd, b"after")  # fd 1's stand-in now points at /dev/null
+    finally:
+        os.close(fd)
+    assert sink.read_bytes() == b""

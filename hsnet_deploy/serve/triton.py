@@ -138,8 +138,9 @@ def write_triton_repo(artifact: str | Path, out_dir: str | Path, *, max_batch: i
             raise UserError(f"--max-batch {max_batch}: {art.path} was built for B up to {profile_max}")
         if kind == "cpu":
             raise UserError(f"{art.path}: a TensorRT plan runs on a GPU only (--kind gpu)")
-        source = art.path.with_name(str(art.meta.get("source_onnx", "")))
-        types = onnx_types(load_graph(source), source) if art.meta.get("source_onnx") and source.is_file() else \
+        source_name = str(art.meta.get("source_onnx") or "")
+        source = art.path.with_name(source_name) if source_name else None
+        types = onnx_types(load_graph(source), source) if source is not None and source.is_file() else \
             {n: "TYPE_FP32" for n in INPUTS + OUTPUTS}  # the contract's dtypes
         platform, filename = "tensorrt_plan", "model.plan"
         needs = (f"Triton's TensorRT must be {art.meta.get('tensorrt_version', 'the one the plan was built with')}, "
