@@ -273,3 +273,56 @@ def test_benchmark_episode_digest_keeps_its_old_fields(tmp_path):
     assert set(ep.to_dict()) == {"index", "class_id", "class_name", "query_image", "query_mask", "support_images",
                                  "support_masks", "fg_label", "ignore_label"}
     assert ep.name == "cat/q.jpg#3"
+
+
+def test_a_zero_padded_support_number_is_named_not_dropped(simple_dir):
+    """support02.png is not support2: it is a support the reader would not take, so the folder is an error."""
+    folder = simple_dir / "episode0004"
+    for name in ("support2.png", "support2_mask.png"):
+        (folder / name).rename(folder / name.replace("2", "02"))
+    with pytest.raises(UserError, match=r"support02.png: write support numbers without leading zeros \(support2\)"):
+        split_episodes(simple_dir, 11, 1)
+    for name in ("support02.png", "support02_mask.png"):  # a real gap is named as one
+        (folder / name).rename(folder / name.replace("02", "3"))
+    with pytest.raises(UserError, match="support3.png: support2 is missing before it"):
+        split_episodes(simple_dir, 11, 1)
+
+
+def test_fp16_split_takes_zero_calibration_episodes(simple_dir):
+    """FP16 calibrates nothing: --calib-episodes 0 is fine there (INT8 refuses it)."""
+    split = split_episodes(simple_dir, 0, 3, seed=1, calibrate=False)
+    assert len(split.gate) == 3 and split.calib == []
+    with pytest.raises(UserError, match="--calib-episodes 0"):
+        split_episodes(simple_dir, 0, 3, seed=1)
+
+
+def test_repeated_queries_keep_their_first_episode(tmp_path):
+    """PASCAL's episode list cycles its queries: the first episode of each query is the one kept."""
+    from hsnet_deploy.calibration.episodes import benchmark_episodes
+
+    make_pascal(tmp_path)
+    pool = benchmark_episodes("pascal", tmp_path, 0, 0)
+    first = {}
+    for ep in pool:
+        first.setdefault(ep.query_image, ep)
+    assert len(first) < len(pool)  # the list does repeat queries
+    split = split_episodes(tmp_path, calib_episodes=4, gate_episodes=4, seed=0)
+    for ep in [*split.calib, *split.gate]:
+        assert ep.to_dict() == first[ep.query_image].to_dict()
+
+
+def test_a_transposed_photo_takes_a_mask_drawn_on_its_stored_pixels(tmp_path):
+    """EXIF orientation 5 (transpose) turns the photo by 90 degrees like 6-8: a mask of the stored size fits."""
+    exif = Image.Exif()
+    exif[0x0112] = 5
+    stored = np.random.default_rng(4).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[:, :12] = 255
+    for episode in ("episode0", "episode1"):
+        folder = tmp_path / episode
+        folder.mkdir()
+        Image.fromarray(stored).save(folder / "query.jpg", exif=exif.tobytes(), quality=100)
+        Image.fromarray(stored).save(folder / "support1.jpg", exif=exif.tobytes(), quality=100)
+        Image.fromarray(mask).save(folder / "support1_mask.png")
+    split = split_episodes(tmp_path, calib_episodes=1, gate_episodes=1, seed=0)
+    assert len(split.calib) == len(split.gate) == 1

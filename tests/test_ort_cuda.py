@@ -283,3 +283,38 @@ def test_nodes_off_cuda_reads_a_profile_once_per_node_in_run_order():
     many = [f"m{i} (Gather)" for i in range(SHOWN_NODES + 3)]
     message = str(capture_refusal("a.onnx", RuntimeError("refused"), many))
     assert f"m{SHOWN_NODES - 1} (Gather) and 3 more;" in message and f"m{SHOWN_NODES} " not in message
+
+
+def test_capture_refusal_lists_exactly_shown_nodes_without_a_more_tail():
+    """SHOWN_NODES names fit in full: no "and 0 more" (one more name is what earns the tail)."""
+    from hsnet_deploy.runtime.ort_cuda import SHOWN_NODES, capture_refusal
+
+    names = [f"n{i} (Gather)" for i in range(SHOWN_NODES)]
+    message = str(capture_refusal("a.onnx", RuntimeError("refused"), names))
+    assert f"outside the CUDA EP: {', '.join(names)}; run it without" in message
+    assert "more" not in message
+    message = str(capture_refusal("a.onnx", RuntimeError("refused"), [*names, "extra (Shape)"]))
+    assert f"n{SHOWN_NODES - 1} (Gather) and 1 more;" in message and "extra" not in message
+
+
+def test_nodes_off_cuda_ignores_kernel_events_that_name_no_provider():
+    """A kernel event without a provider says nothing about placement: only a named non-CUDA EP counts."""
+    from hsnet_deploy.runtime.ort_cuda import nodes_off_cuda
+
+    events = [{"cat": "Node", "name": "a_kernel_time", "args": {"op_name": "Conv"}},
+              {"cat": "Node", "name": "b_kernel_time", "args": {"op_name": "Relu", "provider": None}},
+              {"cat": "Node", "name": "c_kernel_time"},
+              {"cat": "Node", "name": "d_kernel_time", "args": {"op_name": "Shape", "provider": "CPUExecutionProvider"}}]
+    assert nodes_off_cuda(events) == ["d (Shape)"]
+
+
+def test_a_failed_first_run_without_a_graph_is_not_called_a_capture_refusal(ort, monkeypatch):
+    """Without --cuda-graph nothing is captured: ONNX Runtime's own error goes up as it is."""
+    with OrtRunner("m.onnx", META, "cuda") as runner:
+        def broken(binding, options=None):
+            raise RuntimeError("CUDA out of memory")
+
+        monkeypatch.setattr(runner.session, "run_with_iobinding", broken)
+        with pytest.raises(RuntimeError, match="CUDA out of memory") as info:
+            runner.infer(_feed(1, 1, 0))
+        assert not isinstance(info.value, UserError)

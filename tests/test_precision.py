@@ -358,3 +358,195 @@ def test_int8_without_quantize_takes_the_documented_default_stages(fp32_model, c
     assert tuple(stages) == ("backbone", "correlation")
     _meta, stages = variant_module._check_request(fp32_model, "int8", backend, "minmax", calib_dir, ["learner"])
     assert tuple(stages) == ("learner",)
+
+
+# --------------------------------------------------------------------------- graph passes on hand-made graphs
+
+
+def _graph(nodes, inputs, outputs, inits=(), props=None):
+    f32 = TensorProto.FLOAT
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info(n, f32, s) for n, s in inputs],
+                                   [onnx.helper.make_tensor_value_info(n, f32, None) for n in outputs],
+                                   initializer=list(inits))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if props:
+        onnx.helper.set_model_props(model, props)
+    return model
+
+
+def _run(model, feed):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def test_mask_path_stops_at_a_shape_read_of_the_mask():
+    """A Shape of the mask is on the path, but what it yields is a shape, not a mask: the Reshape of a feature
+    map by it is not part of the path (nor, then, kept FP32)."""
+    from hsnet_deploy.calibration.graph import mask_path_nodes
+
+    h = onnx.helper
+    model = _graph([h.make_node("Shape", ["support_masks"], ["s"], name="shape"),
+                    h.make_node("Reshape", ["feat", "s"], ["r"], name="reshape"),
+                    h.make_node("Mul", ["support_masks", "support_masks"], ["m2"], name="square")],
+                   [("support_masks", [1, 4]), ("feat", [4])], ["r", "m2"])
+    assert mask_path_nodes(model) == ["shape", "square"]
+
+
+def test_fp16_mask_nodes_drop_only_a_factor_product_with_one_side_outside_the_path():
+    """Div(mask) x feature: the factor product, run in FP16. Div(mask) x (mask + eps): both sides are computed
+    on the mask path, so it stays in the FP32 mask group."""
+    from hsnet_deploy.calibration.fp16 import mask_nodes
+
+    h = onnx.helper
+    eps = numpy_helper.from_array(np.array(1e-5, np.float32), "eps")
+    model = _graph([h.make_node("Add", ["support_masks", "eps"], ["den"], name="den"),
+                    h.make_node("Div", ["support_masks", "den"], ["factor"], name="factor"),
+                    h.make_node("Mul", ["factor", "feat"], ["masked"], name="apply"),
+                    h.make_node("Mul", ["factor", "den"], ["self"], name="self_product")],
+                   [("support_masks", [1, 4]), ("feat", [1, 4])], ["masked", "self"], inits=[eps])
+    assert mask_nodes(model) == ["den", "factor", "self_product"]
+
+
+def test_fp32_groups_are_checked_by_name():
+    from hsnet_deploy.calibration.fp16 import fp32_nodes
+
+    model = _graph([onnx.helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [2])], ["y"])
+    with pytest.raises(ValueError, match=r"unknown FP32 groups \['masks'\]"):
+        fp32_nodes(model, ("masks",))
+
+
+def test_strongly_typed_check_refuses_a_cast_to_its_own_type():
+    from hsnet_deploy.calibration.fp16 import check_strongly_typed
+
+    h = onnx.helper
+    same = _graph([h.make_node("Cast", ["x"], ["y"], name="noop_cast", to=TensorProto.FLOAT)], [("x", [2])], ["y"])
+    with pytest.raises(RuntimeError, match="Cast noop_cast casts x to its own type"):
+        check_strongly_typed(same)
+    other = _graph([h.make_node("Cast", ["x"], ["h"], name="to_half", to=TensorProto.FLOAT16),
+                    h.make_node("Cast", ["h"], ["y"], name="back", to=TensorProto.FLOAT)], [("x", [2])], ["y"])
+    check_strongly_typed(other)
+
+
+def _conv_bn(var, extra_reader=False):
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w", rng.standard_normal((2, 3, 1, 1))), ("b", rng.standard_normal(2)), ("scale", np.array([1.5, 0.5])),
+        ("shift", np.array([0.1, -0.2])), ("mean", np.array([0.3, -0.1])), ("var", np.asarray(var))]]
+    nodes = [h.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             h.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["y"], name="bn", epsilon=1e-5)]
+    outputs = ["y"]
+    if extra_reader:
+        nodes.append(h.make_node("Relu", ["c"], ["raw"], name="relu"))
+        outputs.append("raw")
+    return _graph(nodes, [("x", [1, 3, 4, 4])], outputs, inits=inits)
+
+
+def test_fold_batchnorm_matches_the_unfolded_graph_for_small_variances():
+    """ONNX BatchNormalization divides by sqrt(var + eps); with var ~ eps where the eps goes shows."""
+    from hsnet_deploy.calibration.graph import fold_batchnorm
+
+    model = _conv_bn([1e-5, 4e-5])
+    x = np.random.default_rng(1).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = _run(model, {"x": x})[0]
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_batchnorm(folded) == 1 and [n.op_type for n in folded.graph.node] == ["Conv"]
+    np.testing.assert_allclose(_run(folded, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_leaves_a_conv_whose_output_is_read_elsewhere():
+    from hsnet_deploy.calibration.graph import fold_batchnorm
+
+    model = _conv_bn([0.5, 2.0], extra_reader=True)
+    x = np.random.default_rng(2).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    want = _run(model, {"x": x})
+    assert fold_batchnorm(model) == 0
+    for got, expected in zip(_run(model, {"x": x}), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_requantise_breaks_counts_only_dq_op_q_and_dq_q():
+    from hsnet_deploy.calibration.int8 import requantise_breaks
+
+    h = onnx.helper
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    zp = numpy_helper.from_array(np.array(0, np.uint8), "zp")
+    nodes = [h.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"], name="q"),
+             h.make_node("DequantizeLinear", ["q", "scale", "zp"], ["dq"], name="dq"),
+             h.make_node("Relu", ["dq"], ["relu_float"], name="relu_to_float"),  # ends in float: no break
+             h.make_node("Add", ["dq", "x"], ["sum"], name="add"),
+             h.make_node("QuantizeLinear", ["sum", "scale", "zp"], ["q2"], name="requant"),  # DQ -> Add -> Q
+             h.make_node("QuantizeLinear", ["dq", "scale", "zp"], ["q3"], name="dq_q")]  # DQ -> Q
+    model = _graph(nodes, [("x", [4])], ["relu_float", "q2", "q3"], inits=[scale, zp])
+    assert requantise_breaks(model) == {"Add": 1, "DQ->Q": 1}
+    # an op that reads dequantised tensors on two inputs is one break, not two
+    twice = [*nodes[:2], h.make_node("Add", ["dq", "dq"], ["sq"], name="double"),
+             h.make_node("QuantizeLinear", ["sq", "scale", "zp"], ["q4"], name="requant_sq")]
+    model = _graph(twice, [("x", [4])], ["q4"], inits=[scale, zp])
+    assert requantise_breaks(model) == {"Add": 1}
+
+
+def test_calibration_reader_reports_each_feed_after_the_first_and_rewinds():
+    """The caller advances its bar once itself; the reader reports the feeds after the first: N calls in all."""
+    from hsnet_deploy.calibration.int8 import _Reader
+
+    calls = []
+    feeds = [{"x": np.full(1, i, np.float32)} for i in range(3)]
+    reader = _Reader(feeds, on_feed=lambda: calls.append(1))
+    assert reader.get_first() is feeds[0] and calls == []
+    got = []
+    while (feed := reader.get_next()) is not None:
+        got.append(int(feed["x"][0]))
+    assert got == [0, 1, 2] and len(calls) == 2 and len(reader) == 3
+    reader.rewind()
+    assert reader.get_next() is feeds[0]
+
+
+def test_an_empty_stage_list_is_refused():
+    from hsnet_deploy.calibration.int8 import check_stages
+
+    with pytest.raises(UserError, match=r"--quantize \(empty\): expected one or more of backbone"):
+        check_stages([])
+    assert check_stages(["correlation", "backbone", "correlation"]) == ("correlation", "backbone")
+
+
+def test_a_variant_is_not_made_from_a_variant(tmp_path):
+    """The library refuses it too, not only the CLI: an FP16 or INT8 model is no FP32 source."""
+    h = onnx.helper
+    inputs = [("query_img", ["B", 3, 16, 16]), ("support_imgs", ["B", "K", 3, 16, 16]), ("support_masks", ["B", "K", 16, 16])]
+    model = _graph([h.make_node("Identity", ["support_masks"], ["logits"], name="l"),
+                    h.make_node("Identity", ["query_img"], ["mask"], name="m")], inputs, ["logits", "mask"],
+                   props={"hsnet.backbone": "resnet50", "hsnet.img_size": "16", "hsnet.precision": "fp16"})
+    onnx.save(model, str(tmp_path / "fp16.onnx"))
+    with pytest.raises(UserError, match="fp16.onnx: is already a fp16 variant; make variants from the FP32 export"):
+        make_variant(tmp_path / "fp16.onnx", tmp_path / "int8.onnx", "int8", calib_dir=tmp_path, progress=False)
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_tensorrt_quantiser_reports_the_feeds_after_the_first_like_the_onnxruntime_one(tmp_path, monkeypatch):
+    """The ModelOpt child reads every feed at once; the parent then reports N - 1 of them (the caller's bar
+    counts the last), as _Reader does for onnxruntime. The child is faked: it copies the folded model."""
+    import json
+    import shutil
+    import subprocess
+
+    from hsnet_deploy.calibration.int8 import quantize_tensorrt
+
+    model = _conv_bn([0.5, 2.0])
+    onnx.helper.set_model_props(model, {"hsnet.stages": json.dumps({"backbone": ["conv", "bn"]})})
+    onnx.save(model, str(tmp_path / "m.onnx"))
+
+    def child(cmd, **kwargs):
+        work = cmd[-1]
+        shutil.copy(f"{work}/folded.onnx", f"{work}/int8.onnx")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    calls = []
+    feeds = [{"x": np.zeros((1, 3, 4, 4), np.float32)} for _ in range(3)]
+    _proto, nodes = quantize_tensorrt(tmp_path / "m.onnx", feeds, ["backbone"], on_feed=lambda: calls.append(1))
+    assert nodes == [] and len(calls) == 2  # its one Conv is the last (the logits'): never quantised

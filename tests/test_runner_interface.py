@@ -225,3 +225,89 @@ def test_a_runner_without_device_io_refuses_infer_device():
     assert not runner.supports_device_io
     with runner, pytest.raises(RuntimeError, match="TorchRunner has no device I/O .*use infer"):
         runner.infer_device({})
+
+
+def _tiny_onnx(path, props, extra_input=False):
+    """A graph with the contract's inputs and outputs and hsnet metadata: enough for open_artifact, which
+    reads metadata and inputs only (the session starts on activation)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("query_img", f32, ["B", 3, 16, 16]),
+              helper.make_tensor_value_info("support_imgs", f32, ["B", "K", 3, 16, 16]),
+              helper.make_tensor_value_info("support_masks", f32, ["B", "K", 16, 16])]
+    if extra_input:
+        inputs.append(helper.make_tensor_value_info("prompt", f32, ["B", 8]))
+    nodes = [helper.make_node("Identity", ["support_masks"], ["logits"]),
+             helper.make_node("Identity", ["query_img"], ["mask"])]
+    graph = helper.make_graph(nodes, "tiny", inputs, [helper.make_tensor_value_info("logits", f32, None),
+                                                      helper.make_tensor_value_info("mask", f32, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"hsnet.backbone": "resnet50", "hsnet.img_size": "16", **props})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_open_artifact_keeps_the_precision_the_file_records(tmp_path):
+    """`precision=` names the precision of a model whose metadata does not say (a variant being gated); it never
+    relabels one that does."""
+    recorded = _tiny_onnx(tmp_path / "fp16.onnx", {"hsnet.precision": "fp16"})
+    assert open_artifact(recorded, "cpu", precision="fp32").info.precision == "fp16"
+    unlabelled = _tiny_onnx(tmp_path / "plain.onnx", {})
+    assert open_artifact(unlabelled, "cpu", precision="int8").info.precision == "int8"
+
+
+def test_an_onnx_with_inputs_beyond_the_contract_is_refused(tmp_path):
+    from hsnet_deploy.errors import UserError
+
+    path = _tiny_onnx(tmp_path / "extra.onnx", {}, extra_input=True)
+    with pytest.raises(UserError, match=r"extra.onnx: inputs \['prompt', 'query_img', .*are not HSNet's"):
+        open_artifact(path, "cpu")
+
+
+def test_an_onnx_optimised_for_cuda_is_refused_on_the_cpu(tmp_path):
+    from hsnet_deploy.errors import UserError
+
+    path = _tiny_onnx(tmp_path / "opt.onnx", {"hsnet.ort_device": "cuda"})
+    with pytest.raises(UserError, match="optimised by ONNX Runtime for cuda; it cannot run on cpu"):
+        open_artifact(path, "cpu")
+
+
+def test_a_tensorrt_plan_is_refused_on_the_cpu_before_tensorrt_is_needed(tmp_path):
+    import json
+
+    from hsnet_deploy.errors import UserError
+
+    plan = tmp_path / "e.plan"
+    plan.write_bytes(b"plan")
+    (tmp_path / "e.plan.json").write_text(json.dumps({"backbone": "resnet50", "img_size": 16}))
+    with pytest.raises(UserError, match="e.plan: a TensorRT engine runs on a CUDA GPU only"):
+        open_artifact(plan, "cpu")
+    assert open_artifact(plan, "cuda").info.backend == "tensorrt"  # made, not activated: no TensorRT needed
+
+
+def test_a_legacy_pickle_checkpoint_is_recognised_whatever_its_suffix(tmp_path):
+    """torch.save's pre-1.6 format is a bare pickle (first byte 0x80), not a zip: still a checkpoint."""
+    import torch
+
+    from hsnet_deploy.runtime.artifact import inspect_artifact
+
+    path = tmp_path / "weights.bin"
+    torch.save({"w": torch.zeros(2)}, str(path), _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    assert inspect_artifact(path).kind == "checkpoint"
+
+
+def test_feed_check_refuses_a_width_the_model_was_not_exported_for():
+    """H right and W wrong is refused as well (the check compares the whole H x W)."""
+    import numpy as np
+
+    from hsnet_deploy.errors import UserError
+    from hsnet_deploy.runtime.base import check_feed
+
+    feed = {"query_img": np.zeros((1, 3, 16, 24), np.float32), "support_imgs": np.zeros((1, 1, 3, 16, 24), np.float32),
+            "support_masks": np.zeros((1, 1, 16, 24), np.float32)}
+    check_feed(feed)  # any size is valid where the artifact does not fix it
+    with pytest.raises(UserError, match="images are 16x24, the model takes 16x16"):
+        check_feed(feed, img_size=16)

@@ -294,3 +294,21 @@ def test_ort_stage_profile_leaves_out_the_warm_up_run_and_averages_the_rest():
     runner._profiled_events = lambda feed, runs: events if runs == 4 else []
     stages = runner.profile_stages_impl({}, runs=3)
     assert stages == pytest.approx({"backbone": 1e-3, "learner": 3e-3})
+
+
+def test_session_options_map_each_level_threads_and_profiling():
+    import onnxruntime as ort
+
+    from hsnet_deploy.runtime.ort_options import session_options
+
+    levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    for name, level in levels.items():
+        assert session_options(name).graph_optimization_level == level
+    opts = session_options("basic", threads=3, optimized_path="/tmp/x.onnx", profile_prefix="/tmp/prof")
+    assert opts.intra_op_num_threads == 3 and opts.optimized_model_filepath == "/tmp/x.onnx"
+    assert opts.enable_profiling and opts.profile_file_prefix == "/tmp/prof"
+    assert not session_options().enable_profiling and session_options().intra_op_num_threads == 0
+    with pytest.raises(ValueError, match="optimisation level 'max'"):
+        session_options("max")

@@ -926,3 +926,76 @@ def test_no_device_memory_backend_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", cpu_torch)
     with pytest.raises(UserError, match=r"device buffers from cuda-python \(pip install cuda-python\)"):
         trt_runner._device_memory()
+
+
+def test_runner_reuses_its_buffers_for_a_repeated_shape(faked):
+    """A second call of the same (B, K) fits the buffers it already has: no new allocation, no free."""
+    path, meta, memory = faked
+    with TensorRTRunner(path, meta) as runner:
+        runner.infer(random_feed(2, 3, seed=1))
+        allocated, blocks = memory.mallocs, set(memory.blocks)
+        for seed in (2, 3):
+            feed = random_feed(2, 3, seed=seed)
+            out = runner.infer(feed)
+            np.testing.assert_array_equal(out["logits"], fake_outputs(feed)["logits"])
+        assert memory.mallocs == allocated == 5 and set(memory.blocks) == blocks
+
+
+def test_engine_device_memory_prefers_the_v2_size_where_both_exist():
+    """10.1+ has both; device_memory_size (removed in 11) is the fallback for engines without _v2 only."""
+    import types
+
+    from hsnet_deploy.runtime.trt_runner import engine_device_memory
+
+    assert engine_device_memory(types.SimpleNamespace(device_memory_size_v2=4096, device_memory_size=1024)) == 4096
+    assert engine_device_memory(types.SimpleNamespace(device_memory_size=1024)) == 1024
+
+
+def test_runner_refuses_a_plan_whose_bytes_differ_from_its_sidecar(faked):
+    path, meta, memory = faked
+    path.write_bytes(b"fake-plan, rebuilt")  # the sidecar still records the old plan's sha256
+    runner = TensorRTRunner(path, meta)
+    with pytest.raises(UserError, match=r"fake.plan: the plan does not match its sidecar .*plan_sha256 differs"), runner:
+        pass
+    assert not runner.active and memory.blocks == {}
+
+
+@pytest.mark.parametrize("version_compatible", [True, False])
+def test_runner_allows_embedded_host_code_only_for_version_compatible_plans(faked, version_compatible):
+    path, meta, _ = faked
+    with TensorRTRunner(path, {**meta, "version_compatible": version_compatible}) as runner:
+        assert runner._runtime.engine_host_code_allowed is version_compatible
+
+
+def test_read_onnx_spec_refuses_a_dynamic_width_alone(tmp_path):
+    model = onnx.load(str(write_tiny_onnx(tmp_path / "dynw.onnx")))
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    onnx.save(model, str(tmp_path / "dynw.onnx"))
+    with pytest.raises(UserError, match="H and W must be fixed at export"):
+        read_onnx_spec(tmp_path / "dynw.onnx")
+
+
+def test_build_engine_refuses_a_sidecar_path_that_cannot_be_written_before_any_work(tmp_path, monkeypatch):
+    """`<plan>.json` is written last; a folder in its place is refused before TensorRT is even imported."""
+    onnx_path = write_tiny_onnx(tmp_path / "tiny.onnx")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # reaching the import would be a different error
+    out = tmp_path / "tiny.plan"
+    sidecar_path(out).mkdir()
+    with pytest.raises(UserError, match=r"tiny.plan.json: is a directory"):
+        build_engine(onnx_path, out, max_batch=2, max_shots=2, workspace_gib=1, timing_cache_path=None)
+    assert not out.exists()
+
+
+def test_sidecar_tool_versions_name_the_tensorrt_that_built_the_plan(tmp_path):
+    """The ONNX's own tool versions are carried over, but where a name repeats the build's version wins:
+    an export that recorded some other TensorRT must not pass for the one that built the plan."""
+    from hsnet_deploy.runtime.trt_build import OnnxSpec, plan_meta
+
+    onnx_path = write_tiny_onnx(tmp_path / "m.onnx")
+    spec = OnnxSpec(SIZE, SIZE, {"backbone": "resnet50", "img_size": SIZE,
+                                 "tool_versions": {"tensorrt": "8.6.1", "onnxslim": "0.1.48"}})
+    meta = plan_meta(spec, onnx_path, memoryview(b"plan"), trt_version="10.13.0.35", gpu=("Fake GPU", "9.0"),
+                     version_compatible=False, tf32=False, batch=(1, 1, 2), shots=(1, 1, 3), workspace_gib=1)
+    assert meta["tool_versions"]["tensorrt"] == "10.13.0.35"
+    assert meta["tool_versions"]["onnxslim"] == "0.1.48"
+    assert meta["tensorrt_version"] == "10.13.0.35" and meta["profile"] == {"batch": [1, 1, 2], "shots": [1, 1, 3]}

@@ -121,3 +121,26 @@ def test_gpu_bench_reports_compile_time_and_device_io(exported, tmp_path):
     if "CUDAExecutionProvider" in providers():
         assert results["onnxruntime-cuda fp32"]["device_io_ms"]["p50"] > 0
         assert "host I/O vs device I/O" in out
+
+
+def test_compile_time_is_the_first_call_of_each_shape_not_the_latest(monkeypatch):
+    """The first call of a (B, K) compiles; later calls of that shape replay and must not overwrite its figure."""
+    import types
+
+    from hsnet_deploy.runtime import torch_compile
+
+    now = [0.0]  # a clock that only the compiled model's calls move: 5 s, 0.5 s, 7 s, 0.25 s
+    monkeypatch.setattr(torch_compile, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    durations = iter([5.0, 0.5, 7.0, 0.25])
+    model = TinyHSNetShape().eval()
+    with CompiledTorchRunner(model, "cpu", "fp32", "default", backend="eager") as runner:
+        compiled = runner.compiled
+
+        def timed(*args):
+            now[0] += next(durations)
+            return compiled(*args)
+
+        runner.compiled = timed
+        for b, k in ((1, 2), (1, 2), (2, 1), (2, 1)):
+            runner.infer(random_feed(b, k, 16, seed=b))
+        assert runner.compile_seconds == {(1, 2): 5.0, (2, 1): 7.0}

@@ -143,7 +143,11 @@ def simple_episodes(root: Path) -> list[Episode]:
         beyond = sorted((n, f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES
                         and (n := _support_number(f.stem)) is not None and n > i - 1)
         if beyond:
-            raise UserError(f"{beyond[0][1]}: support{i} is missing before it; number the supports support1, support2, "
+            number, path = beyond[0]
+            if path.stem != f"support{number}":  # support02: a leading zero, not a gap
+                raise UserError(f"{path}: write support numbers without leading zeros (support{number}); "
+                                "number the supports support1, support2, ...")
+            raise UserError(f"{path}: support{i} is missing before it; number the supports support1, support2, "
                             "... without gaps")
         episodes.append(Episode(len(episodes), 0, "episode", query, _find(files, "query_mask"), tuple(supports),
                                 tuple(masks), user_masks=True, label=folder.name))

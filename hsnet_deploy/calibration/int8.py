@@ -269,17 +269,17 @@ def requantise_breaks(optimised: onnx.ModelProto) -> dict[str, int]:
     (graph.CHAINABLE_OPS), counted by that op's type. An empty dict means every such op stayed in int8.
     """
     index = GraphIndex.of(optimised)
-    breaks: Counter = Counter()
+    broken: dict[tuple[str, ...], str] = {}  # each op once (by its outputs), however many inputs DQs write
     for dq in optimised.graph.node:
         if dq.op_type != "DequantizeLinear":
             continue
         for node in index.readers(dq.output[0]):
             if node.op_type == "QuantizeLinear":
-                breaks["DQ->Q"] += 1
+                broken[tuple(node.output)] = "DQ->Q"
             elif node.op_type in CHAINABLE_OPS and any(
                     c.op_type == "QuantizeLinear" for out in node.output for c in index.readers(out)):
-                breaks[node.op_type] += 1
-    return dict(breaks)
+                broken[tuple(node.output)] = node.op_type
+    return dict(Counter(broken.values()))
 
 
 if __name__ == "__main__":
