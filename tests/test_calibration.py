@@ -326,3 +326,19 @@ def test_a_transposed_photo_takes_a_mask_drawn_on_its_stored_pixels(tmp_path):
         Image.fromarray(mask).save(folder / "support1_mask.png")
     split = split_episodes(tmp_path, calib_episodes=1, gate_episodes=1, seed=0)
     assert len(split.calib) == len(split.gate) == 1
+
+
+def test_a_user_episode_ignores_no_query_pixel(tmp_path):
+    """A person's own query mask has no ignore label: every pixel, background included, counts in the IoU."""
+    from hsnet_deploy.data.episodes import load_episode
+    from hsnet_deploy.data.preprocess import load_binary_mask
+
+    write_simple_layout(tmp_path / "c", episodes=3, size=40, shots=1, seed=2)
+    ep = split_episodes(tmp_path / "c", 1, 2, seed=0).gate[0]
+    t = load_episode(ep, 32)
+    truth = load_binary_mask(ep.query_mask, require_foreground=False)
+    assert (truth == 0).any()
+    np.testing.assert_array_equal(t.query_mask_orig.numpy(), truth)
+    assert str(t.query_ignore_orig.dtype) == "torch.bool"
+    assert not t.query_ignore_orig.any()
+    assert t.query_ignore.shape == (32, 32) and not t.query_ignore.any()

@@ -365,3 +365,85 @@ def test_a_split_file_that_is_not_utf8_is_an_error_and_a_windows_bom_is_read(tmp
     split.write_bytes(b"\x98\x00\xc3" + text.encode("utf-8"))
     with pytest.raises(UserError, match="fold0.txt: not a readable split file .not UTF-8 text: byte 0"):
         build_episodes("pascal", root, fold=0, shots=1)
+
+
+# ---------------------------------------------------------------------------------------------- folds, limits, seeds
+
+
+def test_pascal_fold_two_tests_classes_11_to_15(tmp_path):
+    """Authors' data/pascal.py: nclass_trn = 20 // 4 = 5, fold f tests the 0-based classes 5f .. 5f+4, so the label
+    values (class + 1) of fold 2 are 11..15: 'diningtable' .. 'person'."""
+    lines = ("2008_000001__11", "2008_000002__11", "2008_000003__15", "2008_000004__15")
+    make_pascal(tmp_path, lines=lines, fold=2)
+    eset = pascal_episodes(tmp_path, fold=2, episodes=4)
+    assert eset.class_ids == (10, 11, 12, 13, 14)
+    assert eset.class_names[10] == "diningtable" and eset.class_names[14] == "person"
+    assert [(e.class_id, e.fg_label) for e in eset.episodes] == [(10, 11), (10, 11), (14, 15), (14, 15)]
+    make_pascal(tmp_path / "other", lines=("2008_000001__09", "2008_000002__09"), fold=2)  # class 9 is fold 1's
+    with pytest.raises(UserError, match="class 09 is not a fold-2 class"):
+        pascal_episodes(tmp_path / "other", fold=2)
+
+
+def test_coco_class_listing_one_image_twice_is_refused_before_sampling(coco_root):
+    """A class whose list holds one image twice has no support for it: refused up front, even when the episodes
+    asked for would not draw that class."""
+    split = coco_root / "splits/coco/val/fold0.pkl"
+    by_class = pickle.loads(split.read_bytes())
+    by_class[76] = [by_class[76][0], by_class[76][0]]
+    split.write_bytes(pickle.dumps(by_class))
+    with pytest.raises(UserError, match=r"class 76 \(.*\) needs at least 2 images, has 1"):
+        coco_episodes(coco_root, episodes=1)
+
+
+def test_fss_more_episodes_than_query_images_is_user_error(fss_root):
+    total = len(FSS_CLASSES) * 10  # make_fss: 10 <n>.jpg per class
+    assert len(fss_episodes(fss_root, episodes=total)) == total
+    with pytest.raises(UserError, match=f"--episodes {total + 1}: FSS-1000 test has {total} query images"):
+        fss_episodes(fss_root, episodes=total + 1)
+
+
+def test_build_episodes_passes_the_seed_to_every_reader(fss_root, tmp_path):
+    """`--seed` reaches the FSS reader too: its draws are the authors' with np.random.seed(seed)."""
+    base = str(fss_root / "FSS-1000")
+    with global_seed(7):
+        want = [int(np.random.choice(range(1, 11), 1, replace=False)[0]) for _ in range(40)]
+    got = build_episodes("fss", fss_root, seed=7, episodes=5)
+    picks = iter(want)
+    for ep in got.episodes:  # redraw while the pick is the query, as the authors do
+        pick = next(picks)
+        while f"{pick}.jpg" == ep.query_image.name:
+            pick = next(picks)
+        assert ep.support_images == (ep.query_image.parent / f"{pick}.jpg",)
+    assert str(got.episodes[0].query_image).startswith(base)
+    assert got.episodes != build_episodes("fss", fss_root, seed=0, episodes=5).episodes
+
+
+def test_load_episode_fss_reads_support_masks_by_luminance_like_the_query(fss_root):
+    """The authors' FSS reader reads every mask through .convert('L'): a palette support mask whose index 1 is white is
+    foreground by its colour, not background by its index."""
+    ep = fss_episodes(fss_root, episodes=1).episodes[0]
+    path = ep.support_masks[0]
+    fg = np.asarray(Image.open(path).convert("L")) >= 128
+    pal = Image.fromarray(fg.astype(np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
+    pal.save(path)
+    t = load_episode(ep, size=24)
+    from hsnet_deploy.data.preprocess import mask_to_tensor
+
+    assert fg.any()
+    np.testing.assert_array_equal(t.support_masks[0].numpy(), mask_to_tensor(fg.astype(np.float32), 24).numpy())
+
+
+def test_fss_names_with_more_dots_follow_the_authors_second_part_rule(fss_root):
+    """'<n>.jpg.orig' is a query (its second dot-separated part is 'jpg') with mask <n>.png; 'v2.old.jpg' is not."""
+    import shutil
+
+    cls = fss_root / "FSS-1000" / "apple"
+    shutil.copy(cls / "3.jpg", cls / "3.jpg.orig")
+    shutil.copy(cls / "4.jpg", cls / "v2.old.jpg")
+    eset = fss_episodes(fss_root, shots=1)
+    expected = authors_fss(str(fss_root / "FSS-1000"), list(FSS_CLASSES), 1)
+    assert [(str(e.query_image), [str(s) for s in e.support_images]) for e in eset.episodes] == expected
+    odd = [e for e in eset.episodes if e.query_image.name == "3.jpg.orig"]
+    assert len(odd) == 1 and odd[0].query_mask == cls / "3.png"
+    assert not any(e.query_image.name == "v2.old.jpg" for e in eset.episodes)

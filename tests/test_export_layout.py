@@ -302,3 +302,25 @@ def test_layout_switches_parse_from_the_command_line_form():
         ExportLayout.parse("  ")
     with pytest.raises(ValueError, match="unknown layout switch diagonal"):
         ExportLayout.parse("halo,diagonal")
+
+
+@pytest.mark.parametrize("size", [(13, 11), (5, 11), (13, 7)])
+def test_resizer_keeps_height_and_width_apart_eagerly_and_as_matrices(size):
+    """A non-square resize, and one that keeps only one of the two sides: both modes equal F.interpolate
+    (bilinear, align_corners=True) on the last two dims."""
+    x = torch.randn(2, 3, 5, 7)
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    resize = Resizer()
+    _close(resize(x, size), want)
+    resize.prepare({(5, size[0]), (7, size[1])})
+    got = resize(x, size)
+    assert got.shape == (2, 3, *size)
+    _close(got, want)
+
+
+def test_layout_label_names_three_of_four_switches():
+    from hsnet_deploy.model import ExportLayout
+
+    three = ExportLayout(single_bias=False)
+    assert three.label() == "dilated_query_conv,halo,support_major_mixing"
+    assert ExportLayout.parse(three.label()) == three

@@ -69,3 +69,35 @@ def test_exported_model_cost_scales_with_batch_and_covers_every_stage(exported):
         # Every tensor of these stages carries B (the weights are read by convs, not memory nodes).
         assert two[stage].memory_bytes == pytest.approx(2 * one[stage].memory_bytes, rel=0.02)
     assert one["total"].memory_bytes == sum(one[s].memory_bytes for s in one if s != "total")
+
+
+def _scoped(op: str, name: str, inputs: list[str], outputs: list[str], scopes: list[str] | None) -> onnx.NodeProto:
+    node = helper.make_node(op, inputs, outputs, name=name)
+    if scopes is not None:
+        prop = node.metadata_props.add()
+        prop.key, prop.value = "pkg.torch.onnx.name_scopes", repr(scopes)
+    return node
+
+
+def test_label_stages_takes_the_innermost_scope_and_lists_first_outputs():
+    """A node inside the learner's decoder is 'decoder' (the decoder scope is also inside 'model.hpn_learner');
+    unscoped glue follows the span rule; each stage lists its nodes and their first outputs."""
+    from hsnet_deploy.export.stages import label_stages
+
+    learner = ["", "model", "model.hpn_learner"]
+    nodes = [
+        _scoped("Conv", "bb", ["x"], ["f"], ["", "model", "model.backbone"]),
+        _scoped("MatMul", "corr", ["f", "f"], ["corr_c4"], None),  # unscoped: pyramid not complete yet
+        _scoped("Conv", "enc", ["corr_c4"], ["e"], learner),
+        _scoped("Relu", "glue", ["e"], ["g"], None),  # unscoped, after the pyramid, before the decoder
+        _scoped("Conv", "dec", ["g"], ["d"], [*learner, "model.hpn_learner.decoder"]),
+        _scoped("Resize", "up", ["d"], ["logits"], ["", "model", "model.output_resize"]),
+        _scoped("ArgMax", "vote", ["logits"], ["mask"], None),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [])
+    groups = label_stages(helper.make_model(graph), ("corr_c4",), "logits")
+    assert groups["backbone"] == ["bb", "f"]
+    assert groups["correlation"] == ["corr", "corr_c4"]
+    assert groups["learner"] == ["enc", "e", "glue", "g"]
+    assert groups["decoder"] == ["dec", "d", "up", "logits"]
+    assert groups["other"] == ["vote", "mask"]

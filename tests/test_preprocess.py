@@ -256,3 +256,60 @@ def test_black_and_white_palette_masks_and_16_bit_masks(tmp_path):
     np.testing.assert_array_equal(load_binary_mask(deep), fg.astype(np.float32))
     with pytest.raises(UserError, match="m16.png: mask values range 0..65535"):
         load_mask(deep)  # a label map keeps its values: 65535 is no label
+
+
+def test_a_jpeg_is_reduced_until_its_decoded_size_fits(tmp_path):
+    """JPEG DCT scaling decodes ceil(w / d) x ceil(h / d) pixels: 1201x901 at 1/2 is 601x451 (271051 pixels), over a
+    limit of 600 * 450, so 1/4 is taken (301x226). A limit equal to the pixel count is within it."""
+    from hsnet_deploy.data import preprocess
+
+    previous = preprocess.max_pixels()
+    try:
+        big = tmp_path / "odd.jpg"
+        Image.new("RGB", (1201, 901), (120, 30, 30)).save(big)
+        preprocess.set_max_pixels(600 * 450)
+        img = load_image(big)
+        assert img.size == (301, 226) and original_size(img) == (1201, 901)
+        exact = _save(tmp_path, "exact.png", Image.new("L", (20, 10)))
+        preprocess.set_max_pixels(200)
+        assert load_image(exact).size == (20, 10)
+        preprocess.set_max_pixels(199)
+        with pytest.raises(UserError, match="exact.png: image is 20x10"):
+            load_image(exact)
+    finally:
+        preprocess.set_max_pixels(previous)
+
+
+def test_a_32_bit_integer_image_of_small_values_keeps_them(tmp_path):
+    """Mode 'I' carries no range: values up to 255 are 8-bit already (only a float image of 0..1 is scaled)."""
+    values = np.array([[0, 1], [1, 0]], np.int32)
+    path = _save(tmp_path, "i32.tiff", Image.fromarray(values))
+    assert Image.open(path).mode == "I"
+    np.testing.assert_array_equal(np.asarray(load_image(path))[..., 0], values)
+
+
+@pytest.mark.parametrize("turn", [5, 7])
+def test_transposing_orientations_5_and_7_swap_the_size_and_fit_a_stored_size_mask(tmp_path, turn):
+    """EXIF 2.3: orientations 5 to 8 all swap width and height (5 = transpose, 7 = transverse), not only 6 and 8."""
+    path = _exif_jpeg(tmp_path, f"t{turn}.jpg", np.zeros((30, 40, 3), np.uint8), turn)
+    photo = load_image(path, orient=True)
+    assert photo.size == (30, 40) and original_size(photo) == (30, 40)
+    on_stored = np.zeros((30, 40), np.float32)
+    on_stored[:4, :7] = 1
+    turned = fit_mask_to_image(on_stored, photo, "m.png", f"t{turn}.jpg")
+    want = on_stored.T if turn == 5 else np.rot90(on_stored, 2).T  # transverse: the anti-diagonal flip
+    np.testing.assert_array_equal(turned, want)
+
+
+def test_a_mask_of_mostly_bright_grey_gets_the_is_it_a_mask_note(tmp_path):
+    """Grey means neither 0/1 nor 255: values above 128 count too (a photo saved as the mask is mostly bright)."""
+    labels = np.zeros((10, 10), np.uint8)
+    labels[:, :5] = 200
+    notes = []
+    path = _save(tmp_path, "bright.png", Image.fromarray(labels))
+    assert load_binary_mask(path, notes=notes).sum() == 50
+    assert len(notes) == 1 and "bright.png: 50% of the mask's pixels are grey" in notes[0]
+    notes = []
+    load_binary_mask(_save(tmp_path, "clean.png", Image.fromarray(np.where(labels, 255, 0).astype(np.uint8))),
+                     notes=notes)
+    assert notes == []

@@ -214,3 +214,46 @@ def test_a_second_sigterm_does_not_interrupt_the_cleanup_of_the_first():
                 pytest.fail("the second SIGTERM broke into the cleanup")
             cleaned = True
     assert cleaned and state.received
+
+
+def test_signal_handlers_and_recorded_stops_last_only_as_long_as_the_block():
+    """Inside: SIGTERM and Ctrl-C are ours, a recorded Ctrl-C is raised again as KeyboardInterrupt (not Terminated).
+    After: Python's own handlers are back and a stop recorded inside raises nothing any more."""
+    from hsnet_deploy.termination import Terminated, raise_if_stopped, sigterm_as_interrupt
+
+    saved_int, saved_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with sigterm_as_interrupt() as state:
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            raise_if_stopped()  # nothing recorded yet
+            state.interrupted = True
+            with pytest.raises(KeyboardInterrupt) as caught:
+                raise_if_stopped()
+            assert not isinstance(caught.value, Terminated)
+            state.received = True
+            with pytest.raises(Terminated):
+                raise_if_stopped()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is saved_term
+        try:
+            raise_if_stopped()  # the block's stops ended with it
+        except KeyboardInterrupt:
+            pytest.fail("a stop recorded inside the block was raised after it")
+    finally:
+        signal.signal(signal.SIGINT, saved_int)
+
+
+def test_a_sigint_handler_someone_else_set_is_left_alone():
+    from hsnet_deploy.termination import sigterm_as_interrupt
+
+    def mine(_signum, _frame):
+        pass
+
+    saved = signal.signal(signal.SIGINT, mine)
+    try:
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, saved)
