@@ -19,6 +19,15 @@ def test_area_counts_match_a_hand_count():
     assert inter.tolist() == [6, 2] and union.tolist() == [10, 6]
 
 
+def test_a_value_of_exactly_one_half_is_foreground_like_the_authors_two_bin_histogram():
+    # torch.histc(bins=2, min=0, max=1) puts 0.5 in the upper (foreground) bin
+    pred = np.array([0.5, 0.49, 1.0, 0.0])
+    gt = np.array([0.5, 0.0, 0.0, 1.0])
+    inter, union = area_counts(pred, gt)
+    # pixel 0: both fg; 1: both bg; 2: pred fg only; 3: gt fg only
+    assert inter.tolist() == [1, 1] and union.tolist() == [3, 3]
+
+
 def test_ignored_pixels_count_in_neither_background_nor_foreground():
     pred = np.array([[1, 1, 0], [0, 1, 0]])
     gt = np.array([[1, 0, 0], [0, 0, 0]])
