@@ -228,24 +228,18 @@ def test_a_runner_without_device_io_refuses_infer_device():
 
 
 def _tiny_onnx(path, props, extra_input=False):
-    """A graph with the contract's inputs and outputs and hsnet metadata: enough for open_artifact, which
-    reads metadata and inputs only (the session starts on activation)."""
+    """test_tensorrt's few-op stand-in with the metadata `props` adds to a resnet50 label (no precision unless
+    given) and, with `extra_input`, an input the contract does not have. open_artifact reads metadata and
+    inputs only (the session starts on activation)."""
     import onnx
     from onnx import TensorProto, helper
+    from test_tensorrt import SIZE, write_tiny_onnx
 
-    f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("query_img", f32, ["B", 3, 16, 16]),
-              helper.make_tensor_value_info("support_imgs", f32, ["B", "K", 3, 16, 16]),
-              helper.make_tensor_value_info("support_masks", f32, ["B", "K", 16, 16])]
+    write_tiny_onnx(path, props={"hsnet.backbone": "resnet50", "hsnet.img_size": str(SIZE), **props})
     if extra_input:
-        inputs.append(helper.make_tensor_value_info("prompt", f32, ["B", 8]))
-    nodes = [helper.make_node("Identity", ["support_masks"], ["logits"]),
-             helper.make_node("Identity", ["query_img"], ["mask"])]
-    graph = helper.make_graph(nodes, "tiny", inputs, [helper.make_tensor_value_info("logits", f32, None),
-                                                      helper.make_tensor_value_info("mask", f32, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    helper.set_model_props(model, {"hsnet.backbone": "resnet50", "hsnet.img_size": "16", **props})
-    onnx.save(model, str(path))
+        model = onnx.load(str(path))
+        model.graph.input.append(helper.make_tensor_value_info("prompt", TensorProto.FLOAT, ["B", 8]))
+        onnx.save(model, str(path))
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_serve_units import png
 
 ray = pytest.importorskip("ray", reason="Ray Serve is the `serve` extra: pip install -e '.[serve]'")
 requests = pytest.importorskip("requests", reason="the HTTP client of these tests")
@@ -422,12 +423,6 @@ def _request(path: str, fields: list, content_length: bool = True, chunk: int = 
     return Request(scope, receive)
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _reply(response) -> tuple[int, dict]:
     import json
 
@@ -438,7 +433,7 @@ def _a_pair(height=20, width=30, box=True):
     mask = np.zeros((height, width), np.uint8)
     if box:
         mask[5:15, 5:20] = 255
-    return _png(np.full((height, width, 3), 120, np.uint8)), _png(mask)
+    return png(np.full((height, width, 3), 120, np.uint8)), png(mask)
 
 
 def test_ingress_register_answers_201_with_the_empty_masks_and_413_when_the_store_cannot_hold_the_set():
@@ -463,7 +458,7 @@ def test_ingress_refuses_a_streamed_body_over_the_limit_and_two_support_sets():
 
     api = _ingress(max_upload_mb=0.01)  # 10485 bytes
     noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
-    big = _png(noise)  # ~14 KB: over the limit, sent in 1 KB chunks without a Content-Length
+    big = png(noise)  # ~14 KB: over the limit, sent in 1 KB chunks without a Content-Length
     assert len(big) > 0.01 * 2**20
     request = _request("/segment", [("support_set", "x"), ("image", big)], content_length=False)
     status, body = _reply(asyncio.run(api.segment(request, format="png")))
